@@ -1,0 +1,7 @@
+"""megatron-drlora: DR-LoRA (Dynamic Rank LoRA) for Megatron-Core Mixture-of-Experts models."""
+
+from megatron_drlora.config import DRLoRAConfig, DRLoRAConfigError, add_drlora_args
+
+__version__ = "0.1.0"
+
+__all__ = ["DRLoRAConfig", "DRLoRAConfigError", "add_drlora_args", "__version__"]

@@ -1,0 +1,278 @@
+"""Everything Megatron-Core needs to run on a CPU-only machine with the gloo backend.
+
+Megatron-Core assumes CUDA in a handful of places. This module is the only place in the project
+that works around that; nothing here runs when CUDA is available (`enable_cpu_support` returns
+without touching anything). Each patch names the Megatron code that needs it. Measured with
+megatron-core 0.16.1 and 0.19.x on torch 2.13 (see shared/reference/cpu-prototype).
+
+Use:
+    from megatron_drlora.compat import cpu
+    cpu.preimport()              # before the first `import megatron.core` (0.19 without triton)
+    import megatron.core
+    cpu.enable_cpu_support()     # after importing megatron.core, before building models
+    ...initialize_model_parallel(...)
+    cpu.model_parallel_seed(seed) # instead of tensor_parallel.model_parallel_cuda_manual_seed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import types
+
+import torch
+
+_ENABLED = False
+
+
+def cuda_missing() -> bool:
+    return not torch.cuda.is_available()
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream: every operation is already synchronous on CPU."""
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def preimport() -> None:
+    """megatron-core 0.19 imports `moe/ops/paged_stash.py`, which imports triton unconditionally.
+
+    Its CUDA kernels never run on CPU, so a stub module is registered instead of installing
+    triton (~1 GB). Must run before the first `import megatron.core`.
+    """
+    if not cuda_missing() or importlib.util.find_spec("triton") is not None:
+        return
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules:
+        return
+    stub = types.ModuleType(name)
+    stub.GLOBAL_BLOCK_SIZE = 1024
+
+    def _cuda_only(*args, **kwargs):
+        raise RuntimeError("paged_stash triton kernels need CUDA (megatron-drlora CPU stub)")
+
+    stub.paged_stash_copy_kernel = _cuda_only
+    stub.paged_stash_pop_kernel = _cuda_only
+    sys.modules[name] = stub
+
+
+def enable_cpu_support() -> bool:
+    """Apply all CPU workarounds once. Returns True when they are active (no CUDA)."""
+    global _ENABLED
+    if _ENABLED:
+        return True
+    if not cuda_missing():
+        return False
+    _ENABLED = True
+    # Megatron allocates buffers and router weights on torch.cuda.current_device()
+    # (tensor_parallel/mappings.py, layers.py, GlobalMemoryBuffer, moe/router.py).
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # dist_checkpointing's torch_dist writer synchronises after its device-to-host copies.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    # 0.19 DDP (ParamAndGradBucketGroup.start_grad_sync) asks for the current stream.
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NoStream()
+    _install_cpu_rng_tracker()
+    _patch_alltoall_dispatcher()
+    _patch_missing_te_gemm()
+    _patch_torch_norm_sequence_parallel()
+    _patch_schedules_device()
+    _patch_uneven_allgather()
+    _patch_default_causal_mask()
+    return True
+
+
+def _install_cpu_rng_tracker() -> None:
+    """CudaRNGStatesTracker stores CUDA generator states; this one forks the CPU generator.
+
+    Activation recompute saves/restores the "cuda" RNG state through two module functions,
+    which are pointed at the CPU generator too.
+    """
+    from megatron.core.tensor_parallel import random as mrand
+
+    class CPURNGStatesTracker(mrand.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            gen = torch.Generator()
+            gen.manual_seed(seed)
+            self.states_[name] = gen.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrand._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    mrand.CPURNGStatesTracker = CPURNGStatesTracker
+    mrand._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrand._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+def model_parallel_seed(seed: int) -> None:
+    """CPU version of `tensor_parallel.model_parallel_cuda_manual_seed` (same seed offsets)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as mrand
+
+    if not cuda_missing():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+        return
+    tracker = mrand.CPURNGStatesTracker()
+    mrand._CUDA_RNG_STATE_TRACKER = tracker
+    mrand._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    torch.manual_seed(seed)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    ep_rank = ps.get_expert_model_parallel_rank()
+    etp_rank = ps.get_expert_tensor_parallel_rank()
+    tracker.add(mrand._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrand._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrand._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+def _patch_alltoall_dispatcher() -> None:
+    """MoEAlltoAllTokenDispatcher creates a CUDA stream and syncs device-to-host on it.
+
+    On CPU the split sizes are turned into Python lists directly (all_to_all_single on gloo
+    wants List[int]).
+    """
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    td.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()
+
+    def _as_list(x):
+        return x.tolist() if torch.is_tensor(x) else x
+
+    def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            self.input_splits = _as_list(self.input_splits)
+            self.output_splits = _as_list(self.output_splits)
+            if torch.is_tensor(self.output_splits_tp):
+                self.output_splits_tp = self.output_splits_tp.numpy()
+        return tokens_per_expert
+
+    td.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _maybe_dtoh_and_synchronize
+
+
+def _patch_missing_te_gemm() -> None:
+    """megatron-core 0.16 references an undefined `te_general_gemm` without TE (fixed in 0.19)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_torch_norm_sequence_parallel() -> None:
+    """The local spec's WrappedTorchNorm refuses sequence parallelism, which MoE with TP > 1
+    requires. Build it without the assert and tag its parameters `sequence_parallel` so
+    finalize_model_grads all-reduces their gradients over TP, as for Megatron's own norms."""
+    from megatron.core.transformer import torch_norm
+
+    if getattr(torch_norm.WrappedTorchNorm, "_drlora_cpu_patched", False):
+        return
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            module = original_new(cls, config, hidden_size, eps, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in module.parameters():
+            setattr(param, "sequence_parallel", sequence_parallel)
+        return module
+
+    torch_norm.WrappedTorchNorm.__new__ = __new__
+    torch_norm.WrappedTorchNorm._drlora_cpu_patched = True
+
+
+def _patch_schedules_device() -> None:
+    """The pipeline schedules allocate `torch.zeros([], device="cuda")` for token counts.
+
+    The schedules module gets a `torch` proxy that maps device="cuda" to CPU for the few
+    factory functions; torch itself is untouched.
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    def _cpu_device(kwargs):
+        device = kwargs.get("device")
+        if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    proxy = types.ModuleType("torch_on_cpu")
+    proxy.__getattr__ = lambda name: getattr(torch, name)
+    for fn_name in ("zeros", "ones", "empty", "tensor", "full"):
+        fn = getattr(torch, fn_name)
+        setattr(proxy, fn_name, (lambda f: lambda *a, **k: f(*a, **_cpu_device(k)))(fn))
+    schedules.torch = proxy
+
+
+def _patch_uneven_allgather() -> None:
+    """gloo cannot all_gather tensors of different sizes; the alltoall dispatcher does so with
+    expert-tensor-parallel size > 1. Pad to the largest, gather, slice."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in output_split_sizes]
+        largest = max(sizes)
+        x = input_.contiguous()
+        if x.shape[0] < largest:
+            x = torch.cat([x, x.new_zeros((largest - x.shape[0],) + tuple(x.shape[1:]))])
+        gathered = x.new_empty((largest * len(sizes),) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(gathered, x, group=group)
+        return torch.cat([gathered[i * largest: i * largest + n] for i, n in enumerate(sizes)])
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+
+
+def _patch_default_causal_mask() -> None:
+    """Without an explicit attention mask, the local attention builds its causal mask with
+    device="cuda" (transformer/utils.py get_default_causal_mask)."""
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    utils.get_default_causal_mask = get_default_causal_mask
+    if hasattr(fused_softmax, "get_default_causal_mask"):
+        fused_softmax.get_default_causal_mask = get_default_causal_mask

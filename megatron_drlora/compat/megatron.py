@@ -1,0 +1,117 @@
+"""Megatron-Core version differences, in one place.
+
+Supported: megatron-core 0.16.1 (Python 3.11; what CI tests) through 0.19.x (Python 3.12 GPU
+containers). The rest of the package asks this module what an experts module is and which
+process groups it uses instead of testing versions itself.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+
+def megatron_version() -> str:
+    import megatron.core
+
+    return getattr(megatron.core, "__version__", "unknown")
+
+
+def have_transformer_engine() -> bool:
+    """True when a real Transformer Engine is importable (never installed by this package)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def have_grouped_gemm() -> bool:
+    try:
+        import grouped_gemm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def have_apex() -> bool:
+    try:
+        import apex  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def expert_kind(experts: torch.nn.Module) -> str:
+    """'sequential', 'te_grouped' or 'legacy_grouped'; a clear error for anything else."""
+    from megatron.core.transformer.moe import experts as mexperts
+
+    if isinstance(experts, mexperts.SequentialMLP):
+        return "sequential"
+    te_grouped = getattr(mexperts, "TEGroupedMLP", None)
+    if te_grouped is not None and isinstance(experts, te_grouped):
+        return "te_grouped"
+    legacy = getattr(mexperts, "GroupedMLP", None)  # removed in megatron-core 0.19
+    if legacy is not None and isinstance(experts, legacy):
+        return "legacy_grouped"
+    raise TypeError(
+        f"DR-LoRA does not know the experts implementation {type(experts).__module__}."
+        f"{type(experts).__name__}; supported: SequentialMLP, TEGroupedMLP, GroupedMLP")
+
+
+def is_moe_layer(mlp: torch.nn.Module) -> bool:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return isinstance(mlp, MoELayer)
+
+
+def expert_groups(experts: torch.nn.Module):
+    """(ep_group, expert-TP group) of an experts module, falling back to parallel_state."""
+    from megatron.core import parallel_state as ps
+
+    ep = getattr(experts, "ep_group", None)
+    etp = getattr(experts, "tp_group", None)
+    if ep is None:
+        ep = ps.get_expert_model_parallel_group()
+    if etp is None:
+        etp = ps.get_expert_tensor_parallel_group()
+    return ep, etp
+
+
+def num_local_experts(experts: torch.nn.Module) -> int:
+    return int(experts.num_local_experts)
+
+
+def moe_layer_pattern(config) -> List[int]:
+    """1 for every global transformer layer that is an MoE layer (Megatron's moe_layer_freq)."""
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    return [int(v) for v in freq]
+
+
+def global_layer_index(layer: torch.nn.Module) -> int:
+    """0-based global index of a TransformerLayer (Megatron's layer_number is 1-based, global)."""
+    return int(layer.layer_number) - 1
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers (all expose `.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def model_chunks(model) -> List[torch.nn.Module]:
+    if isinstance(model, (list, tuple)):
+        return [unwrap_model(m) for m in model]
+    return [unwrap_model(model)]
+
+
+def reduced_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The gradient the optimizer will use: Megatron DDP's `main_grad`, else `.grad`."""
+    grad = getattr(param, "main_grad", None)
+    if grad is not None:
+        return grad
+    return param.grad

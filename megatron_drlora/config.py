@@ -1,0 +1,281 @@
+"""DRLoRAConfig: every DR-LoRA setting in one validated dataclass.
+
+The dataclass is the single source of truth: the `--drlora-*` command-line flags, the YAML file
+format and the defaults all come from its fields, so a new setting is added in exactly one place.
+Defaults follow the paper (arXiv 2601.04823, Table 6 and section 3); see
+`shared/design/algorithm.md` for the decisions taken where the paper is ambiguous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple
+
+PROJECTIONS = ("gate", "up", "down")
+SALIENCY_VARIANTS = ("full", "frequency", "importance")
+FREQUENCY_SOURCES = ("weight", "count")
+ALLOCATION_SCOPES = ("layer", "global")
+METHODS = ("drlora", "uniform")
+ROUTER_MODES = ("warmup_frozen", "frozen", "trained")
+
+
+class DRLoRAConfigError(ValueError):
+    """A DR-LoRA setting is invalid; the message names the field/flag and the fix."""
+
+
+def _opt(default, help, cli=None, choices=None, **kw):
+    """A dataclass field carrying its help text, optional CLI name and choices."""
+    meta = {"help": help}
+    if cli:
+        meta["cli"] = cli
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class DRLoRAConfig:
+    """Settings of DR-LoRA. `DRLoRAConfig(budget=16)` gives r_init 8, r_max 32, alpha 64."""
+
+    budget: int = _opt(16, "r_target: the average final LoRA rank per adapted module; the "
+                       "parameter budget equals uniform LoRA at this rank.")
+    r_init: Optional[int] = _opt(None, "Initial active rank of every module (default budget/2).",
+                                 cli="rank-init")
+    r_max: Optional[int] = _opt(None, "Allocated (maximum) rank of every module "
+                                "(default 2*budget).", cli="rank-max")
+    alpha: Optional[float] = _opt(None, "LoRA alpha; the constant scale is alpha/r_max "
+                                  "(default 2*r_max, i.e. scale 2).")
+    dropout: float = _opt(0.0, "Dropout on the adapter input (the authors' code uses 0.1; 0 keeps "
+                          "runs bitwise reproducible across parallel layouts).")
+    targets: Tuple[str, ...] = _opt(("up", "down"), "Expert projections that get adapters: any "
+                                    "of gate, up, down.", choices=PROJECTIONS)
+    shared_experts: bool = _opt(False, "Also adapt shared experts (fixed rank = budget, "
+                                "no growth).")
+    beta: float = _opt(0.9, "EMA factor of routing frequency and rank importance (Eq. 5, 7).")
+    gamma: float = _opt(1.2, "Rank penalty exponent of the saliency (Eq. 9); 0 disables the "
+                        "penalty.")
+    p_grow: float = _opt(0.1, "Per-event cap as a fraction of (r_max - r_init) (Eq. 12).")
+    grow_interval: int = _opt(200, "T_grow: optimizer steps between growth events.")
+    grow_buffer: int = _opt(200, "T_buffer: no growth in the last T_buffer steps.")
+    warmup_iters: Optional[int] = _opt(None, "t_warmup: first growth event and end of the "
+                                       "router freeze (default: the LR warm-up iterations).")
+    allocation: str = _opt("layer", "Budget scope: per layer (paper) or global across layers.",
+                           choices=ALLOCATION_SCOPES)
+    saliency: str = _opt("full", "Saliency variant: full (frequency x importance), frequency "
+                         "only, importance only.", choices=SALIENCY_VARIANTS)
+    frequency: str = _opt("weight", "Routing frequency from routed probabilities (paper) or hard "
+                          "token counts (authors' code).", choices=FREQUENCY_SOURCES)
+    method: str = _opt("drlora", "drlora (dynamic ranks) or uniform (plain LoRA at budget, "
+                       "no growth: the baseline).", choices=METHODS)
+    router: str = _opt("warmup_frozen", "Router training: frozen during warm-up then trained "
+                       "(paper), always frozen, or always trained.", choices=ROUTER_MODES)
+    seed: int = _opt(1234, "Seed of the adapter init; the init of (layer, expert, projection) "
+                     "depends only on this seed, never on the parallel layout.")
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        self.validate()
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def rank_init(self) -> int:
+        if self.method == "uniform":
+            return self.budget
+        return self.r_init if self.r_init is not None else max(1, self.budget // 2)
+
+    @property
+    def rank_max(self) -> int:
+        if self.method == "uniform":
+            return self.budget
+        return self.r_max if self.r_max is not None else 2 * self.budget
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank_max
+
+    @property
+    def scale(self) -> float:
+        """Constant LoRA scale s = alpha / r_max; never rescaled by the active rank."""
+        return self.lora_alpha / self.rank_max
+
+    @property
+    def grows(self) -> bool:
+        return self.method == "drlora" and self.rank_init < self.budget
+
+    # --- validation -----------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name, msg):
+            raise DRLoRAConfigError(f"DR-LoRA setting '{name}' (--drlora-{_cli(name)}): {msg}")
+
+        for name in ("budget", "grow_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, f"must be a positive integer, got {v!r}")
+        if not isinstance(self.grow_buffer, int) or isinstance(self.grow_buffer, bool) \
+                or self.grow_buffer < 0:
+            bad("grow_buffer", f"must be an integer >= 0, got {self.grow_buffer!r}")
+        for name in ("r_init", "r_max", "warmup_iters"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool):
+                bad(name, f"must be an integer, got {v!r}")
+            if name in ("r_init", "r_max") and v <= 0:
+                bad(name, f"must be a positive rank, got {v}")
+            if v < 0:
+                bad(name, f"must be >= 0, got {v}")
+        if self.method not in METHODS:
+            bad("method", f"unknown value {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "drlora":
+            if self.rank_init > self.budget:
+                bad("r_init", f"r_init={self.rank_init} exceeds the budget {self.budget}; "
+                    f"lower --drlora-rank-init or raise --drlora-budget")
+            if self.budget > self.rank_max:
+                bad("budget", f"budget={self.budget} exceeds r_max={self.rank_max}; raise "
+                    f"--drlora-rank-max or lower --drlora-budget")
+        if self.alpha is not None and (not _is_number(self.alpha) or self.alpha <= 0):
+            bad("alpha", f"must be a positive number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if not self.targets:
+            bad("targets", "needs at least one projection (gate, up, down)")
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown:
+            bad("targets", f"unknown projection(s) {unknown}; choose from {', '.join(PROJECTIONS)}")
+        if len(set(self.targets)) != len(self.targets):
+            bad("targets", f"lists a projection twice: {list(self.targets)}")
+        if not _is_number(self.beta) or not 0.0 <= self.beta < 1.0:
+            bad("beta", f"must be in [0, 1), got {self.beta!r}")
+        if not _is_number(self.gamma) or self.gamma < 0:
+            bad("gamma", f"must be >= 0, got {self.gamma!r}")
+        if not _is_number(self.p_grow) or not 0.0 < self.p_grow <= 1.0:
+            bad("p_grow", f"must be in (0, 1], got {self.p_grow!r}")
+        if self.grows and math.floor((self.rank_max - self.rank_init) * self.p_grow) < 1:
+            bad("p_grow", f"the per-event cap floor((r_max - r_init) * p_grow) = "
+                f"floor(({self.rank_max} - {self.rank_init}) * {self.p_grow}) is 0, so no "
+                f"expert could ever grow; raise --drlora-p-grow or --drlora-rank-max")
+        for name, choices in (("allocation", ALLOCATION_SCOPES), ("saliency", SALIENCY_VARIANTS),
+                              ("frequency", FREQUENCY_SOURCES), ("router", ROUTER_MODES)):
+            if getattr(self, name) not in choices:
+                bad(name, f"unknown value {getattr(self, name)!r}; choose one of "
+                    f"{', '.join(choices)}")
+
+    # --- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "dict") -> "DRLoRAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DRLoRAConfigError(
+                f"{source}: unknown DR-LoRA setting(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_yaml(self, path: Optional[str] = None) -> str:
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "DRLoRAConfig":
+        import yaml
+
+        if not os.path.isfile(path):
+            raise DRLoRAConfigError(f"--drlora-config: file {path!r} does not exist")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise DRLoRAConfigError(f"--drlora-config {path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise DRLoRAConfigError(f"--drlora-config {path}: expected a mapping of settings")
+        data = data.get("drlora", data)
+        return cls.from_dict(data, source=path)
+
+    def summary(self) -> str:
+        return (f"DR-LoRA method={self.method} r_init={self.rank_init} r_target={self.budget} "
+                f"r_max={self.rank_max} alpha={self.lora_alpha:g} scale={self.scale:g} "
+                f"targets={','.join(self.targets)} saliency={self.saliency} "
+                f"allocation={self.allocation} beta={self.beta} gamma={self.gamma} "
+                f"p_grow={self.p_grow} T_grow={self.grow_interval} T_buffer={self.grow_buffer}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _cli(name: str) -> str:
+    for f in fields(DRLoRAConfig):
+        if f.name == name:
+            return f.metadata.get("cli", name.replace("_", "-"))
+    return name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    v = text.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_drlora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one `--drlora-<name>` flag per config field, plus `--drlora-config FILE.yaml`.
+
+    Flags default to None so that only what the user typed overrides the YAML file.
+    """
+    group = parser.add_argument_group("DR-LoRA", "Dynamic Rank LoRA for MoE experts")
+    group.add_argument("--drlora-config", default=None, metavar="FILE.yaml",
+                       help="YAML file with DR-LoRA settings (flags given too override it).")
+    for f in fields(DRLoRAConfig):
+        flag = f"--drlora-{f.metadata.get('cli', f.name.replace('_', '-'))}"
+        kw = dict(dest=f"drlora_{f.name}", default=None, help=f.metadata["help"])
+        if f.name == "targets":
+            kw["type"] = lambda s: tuple(t.strip() for t in s.split(",") if t.strip())
+            kw["metavar"] = "PROJ[,PROJ]"
+        elif f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        elif f.name == "shared_experts":
+            kw.update(nargs="?", const=True, type=_parse_bool)
+        elif f.name in ("alpha", "dropout", "beta", "gamma", "p_grow"):
+            kw["type"] = float
+        else:
+            kw["type"] = int
+        group.add_argument(flag, **kw)
+    return parser
+
+
+def drlora_flags_given(args: argparse.Namespace) -> bool:
+    """True when any `--drlora-*` setting (or a config file) was given."""
+    if getattr(args, "drlora_config", None):
+        return True
+    return any(getattr(args, f"drlora_{f.name}", None) is not None for f in fields(DRLoRAConfig))
+
+
+def config_from_args(args: argparse.Namespace) -> DRLoRAConfig:
+    """Build the config from `--drlora-config` (if any) overridden by explicit flags."""
+    base: Dict[str, Any] = {}
+    if getattr(args, "drlora_config", None):
+        base = DRLoRAConfig.from_yaml(args.drlora_config).to_dict()
+    for f in fields(DRLoRAConfig):
+        v = getattr(args, f"drlora_{f.name}", None)
+        if v is not None:
+            base[f.name] = v
+    return DRLoRAConfig.from_dict(base, source="--drlora-* flags")

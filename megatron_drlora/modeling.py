@@ -1,0 +1,221 @@
+"""Build Megatron-Core GPT MoE models from plain settings (entry point, tests, benchmarks).
+
+`MoEModelArgs` mirrors the Megatron-LM flags that shape a model; `build_gpt_moe` returns the
+model chunks of this pipeline rank built with Megatron-Core's own specs (Transformer Engine
+layers when TE is installed, else the local spec with SequentialMLP experts).
+`init_from_global_identity` gives a model the same weights under every parallel layout (each
+tensor drawn in full from a seed derived from its checkpoint key, then sliced), which the
+layout-parity tests and the demo base rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class MoEModelArgs:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    num_experts: int = 4
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_layer_freq: int = 1
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+    moe_aux_loss_coeff: float = 0.0
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_router_pre_softmax: bool = False
+    moe_router_score_function: str = "softmax"
+    qk_layernorm: bool = False
+    swiglu: bool = True
+    normalization: str = "RMSNorm"
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    vocab_size: int = 128
+    seq_length: int = 32
+    untie_embeddings_and_output_weights: bool = True
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    bf16: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+
+
+def transformer_config(args: MoEModelArgs):
+    """The Megatron TransformerConfig for these settings (CPU-safe fusions off without CUDA)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = args.tensor_model_parallel_size
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_layer_freq=args.moe_layer_freq,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_score_function=args.moe_router_score_function,
+        qk_layernorm=args.qk_layernorm,
+        gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        normalization=args.normalization,
+        layernorm_epsilon=args.layernorm_epsilon,
+        add_bias_linear=False,  # the expert bias path fails autograd in megatron-core 0.16
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        # MoELayer refuses TP > 1 training without sequence parallelism.
+        sequence_parallel=args.sequence_parallel or tp > 1,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        init_method_std=args.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=args.bf16,
+        fp16=False,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu and args.swiglu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        moe_permute_fusion=False,
+    )
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(config, args: MoEModelArgs, vp_stage: Optional[int] = None):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_drlora.compat.megatron import have_transformer_engine
+
+    use_te = have_transformer_engine() and torch.cuda.is_available()
+    try:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                          normalization=args.normalization, vp_stage=vp_stage)
+    except TypeError:  # older signature without vp_stage
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+
+
+def build_gpt_moe(args: MoEModelArgs, config=None) -> List[torch.nn.Module]:
+    """Model chunks of this pipeline rank (one chunk unless virtual pipeline is on)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = config or transformer_config(args)
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage) if vpp else \
+            ps.is_pipeline_first_stage()
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage) if vpp else \
+            ps.is_pipeline_last_stage()
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, args, stage),
+            vocab_size=args.vocab_size,
+            max_sequence_length=args.seq_length,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(model)
+    return chunks
+
+
+def _seed_for(key: str, seed: int) -> int:
+    digest = hashlib.sha256(f"base/{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_from_global_identity(chunks, seed: int = 0, std: float = 0.02) -> int:
+    """Give every base tensor values that depend only on (seed, checkpoint key, global index).
+
+    Each ShardedTensor of the model's sharded_state_dict is drawn in full (global shape) from a
+    generator seeded by its key, and this rank's slice is copied into the parameter. Norm
+    weights get 1 + noise so they stay near identity. Returns the number of tensors set.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    count = 0
+    for chunk in chunks:
+        for key, item in _flatten(chunk.sharded_state_dict()):
+            for sh in _sharded_tensors(item, ShardedTensor, ShardedTensorFactory):
+                if not torch.is_tensor(sh.data) or not sh.data.is_floating_point():
+                    continue
+                gen = torch.Generator().manual_seed(_seed_for(sh.key, seed))
+                full = torch.randn(tuple(sh.global_shape), generator=gen, dtype=torch.float64)
+                is_norm = "norm" in sh.key and len(sh.global_shape) - len(sh.local_shape) <= 1 \
+                    and sh.data.dim() == 1
+                full = 1.0 + 0.1 * full if is_norm else full * std
+                index = tuple(slice(o, o + n) for o, n in
+                              zip(sh.global_offset, _padded_local_shape(sh)))
+                piece = full[index].reshape(sh.data.shape)
+                sh.data.copy_(piece.to(sh.data.dtype))
+                count += 1
+    return count
+
+
+def _padded_local_shape(sh):
+    """Local shape aligned with global_offset (prepended singleton dims for expert offsets)."""
+    extra = len(sh.global_shape) - len(sh.local_shape)
+    return (1,) * extra + tuple(sh.local_shape)
+
+
+def _flatten(sd, prefix=""):
+    if isinstance(sd, dict):
+        for k, v in sd.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    elif isinstance(sd, (list, tuple)):
+        for i, v in enumerate(sd):
+            yield from _flatten(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], sd
+
+
+def _sharded_tensors(item, ShardedTensor, ShardedTensorFactory):
+    if isinstance(item, ShardedTensor):
+        yield item
+    elif isinstance(item, ShardedTensorFactory):
+        built = item.build()
+        for _, sub in _flatten(built):
+            yield from _sharded_tensors(sub, ShardedTensor, ShardedTensorFactory)

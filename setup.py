@@ -1,0 +1,29 @@
+"""megatron-drlora: Dynamic Rank LoRA (DR-LoRA) for Megatron-Core Mixture-of-Experts models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-drlora",
+    version="0.1.0",
+    description="DR-LoRA (dynamic per-expert LoRA ranks) for Megatron-Core MoE fine-tuning",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_drlora", "megatron_drlora.*"]),
+    python_requires=">=3.10",
+    # torch: the CI box installs the CPU wheel 2.13.0; GPU containers bring their own torch.
+    # megatron-core: 0.16.1 is what resolves on Python 3.11; 0.17-0.19 (Python 3.12) also work.
+    # transformer-engine / apex are optional and never installed by this package.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "sentencepiece>=0.2",
+        "pyyaml>=6",
+        "psutil>=5.9",  # megatron.core.dist_checkpointing hangs on save without it
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],
+        "hf": ["transformers>=4.57", "peft>=0.20", "safetensors>=0.4"],
+    },
+)

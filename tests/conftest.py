@@ -1,0 +1,32 @@
+"""Shared pytest setup: one single-process Megatron-Core (gloo) for in-process tests.
+
+Multi-process tests never use this: they spawn their own processes (tests/dist_harness.py).
+"""
+
+import os
+import socket
+import warnings
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+warnings.filterwarnings("ignore")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def megatron_single():
+    """Megatron-Core initialised with world size 1 (TP=PP=EP=1) in this process."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ["RANK"] = "0"
+    os.environ["WORLD_SIZE"] = "1"
+    from megatron_drlora.parallel_setup import ParallelSizes, initialize_megatron_parallel
+
+    initialize_megatron_parallel(ParallelSizes(), seed=1234)
+    yield

@@ -1,0 +1,94 @@
+"""DRLoRAConfig defaults, validation messages, YAML and CLI generation."""
+
+import argparse
+
+import pytest
+
+from megatron_drlora.config import (DRLoRAConfig, DRLoRAConfigError, add_drlora_args,
+                                    config_from_args, drlora_flags_given)
+
+
+def test_paper_defaults():
+    c = DRLoRAConfig(budget=16)
+    assert (c.rank_init, c.rank_max, c.lora_alpha, c.scale) == (8, 32, 64.0, 2.0)
+    assert c.targets == ("up", "down") and c.beta == 0.9 and c.gamma == 1.2
+    assert c.p_grow == 0.1 and c.grow_interval == 200 and c.grow_buffer == 200
+    assert c.allocation == "layer" and c.grows
+    u = DRLoRAConfig(budget=16, method="uniform")
+    assert (u.rank_init, u.rank_max, u.scale, u.grows) == (16, 16, 2.0, False)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(budget=16, r_init=20), "r_init=20 exceeds the budget 16"),
+    (dict(budget=16, r_max=8), "budget=16 exceeds r_max=8"),
+    (dict(budget=0), "'budget' (--drlora-budget): must be a positive integer"),
+    (dict(budget=-4), "must be a positive integer"),
+    (dict(budget=16, r_init=0), "'r_init' (--drlora-rank-init): must be a positive rank"),
+    (dict(budget=16, r_max=-1), "--drlora-rank-max"),
+    (dict(budget=16, p_grow=0.0), "'p_grow' (--drlora-p-grow): must be in (0, 1]"),
+    (dict(budget=16, p_grow=1.5), "must be in (0, 1]"),
+    (dict(budget=16, beta=1.0), "'beta' (--drlora-beta): must be in [0, 1)"),
+    (dict(budget=16, beta=-0.1), "must be in [0, 1)"),
+    (dict(budget=16, gamma=-1), "'gamma'"),
+    (dict(budget=16, targets=("up", "q_proj")), "unknown projection(s) ['q_proj']"),
+    (dict(budget=16, targets=()), "needs at least one projection"),
+    (dict(budget=16, targets=("up", "up")), "lists a projection twice"),
+    (dict(budget=16, dropout=1.0), "'dropout'"),
+    (dict(budget=16, alpha=0), "'alpha'"),
+    (dict(budget=16, allocation="model"), "'allocation' (--drlora-allocation): unknown value"),
+    (dict(budget=16, saliency="random"), "'saliency'"),
+    (dict(budget=16, method="adalora"), "'method'"),
+    (dict(budget=16, router="sometimes"), "'router'"),
+    (dict(budget=4), "floor((8 - 2) * 0.1) is 0"),
+    (dict(budget=16, grow_interval=0), "'grow_interval' (--drlora-grow-interval)"),
+])
+def test_bad_values_name_the_field_and_fix(kwargs, needle):
+    with pytest.raises(DRLoRAConfigError) as err:
+        DRLoRAConfig(**kwargs)
+    assert needle in str(err.value)
+
+
+def test_yaml_round_trip(tmp_path):
+    c = DRLoRAConfig(budget=32, r_init=8, targets=("gate", "up", "down"), saliency="frequency")
+    path = tmp_path / "drlora.yaml"
+    c.to_yaml(str(path))
+    assert DRLoRAConfig.from_yaml(str(path)) == c
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("drlora:\n  budget: 8\n  gamma: 0\n")
+    assert DRLoRAConfig.from_yaml(str(nested)).gamma == 0
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(DRLoRAConfigError, match="does not exist"):
+        DRLoRAConfig.from_yaml(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budget: 16\nrank_limit: 3\n")
+    with pytest.raises(DRLoRAConfigError, match=r"unknown DR-LoRA setting\(s\) \['rank_limit'\]"):
+        DRLoRAConfig.from_yaml(str(bad))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("budget: [16\n")
+    with pytest.raises(DRLoRAConfigError, match="not valid YAML"):
+        DRLoRAConfig.from_yaml(str(broken))
+
+
+def test_cli_flags_generated_from_fields(tmp_path):
+    parser = add_drlora_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--drlora-budget", "16", "--drlora-rank-init", "4",
+                              "--drlora-targets", "gate,up,down", "--drlora-gamma", "0",
+                              "--drlora-allocation", "global"])
+    assert drlora_flags_given(args)
+    c = config_from_args(args)
+    assert (c.budget, c.rank_init, c.targets, c.gamma, c.allocation) == \
+        (16, 4, ("gate", "up", "down"), 0.0, "global")
+    assert not drlora_flags_given(parser.parse_args([]))
+    yaml_file = tmp_path / "c.yaml"
+    DRLoRAConfig(budget=8, gamma=0.5).to_yaml(str(yaml_file))
+    c = config_from_args(parser.parse_args(["--drlora-config", str(yaml_file),
+                                            "--drlora-budget", "12"]))
+    assert (c.budget, c.gamma) == (12, 0.5)
+
+
+def test_cli_rejects_unknown_choice():
+    parser = add_drlora_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--drlora-saliency", "magic"])

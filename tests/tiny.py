@@ -1,0 +1,67 @@
+"""Tiny MoE models and deterministic adapter values shared by tests (in-process and workers)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from megatron_drlora import DRLoRAConfig
+from megatron_drlora.inject import apply_drlora
+from megatron_drlora.modeling import MoEModelArgs, build_gpt_moe, init_from_global_identity
+
+
+def tiny_args(**overrides) -> MoEModelArgs:
+    base = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                num_experts=4, moe_router_topk=2, vocab_size=64, seq_length=16)
+    base.update(overrides)
+    return MoEModelArgs(**base)
+
+
+def build(args: MoEModelArgs, config: DRLoRAConfig = None, base_seed: int = 0):
+    chunks = build_gpt_moe(args)
+    init_from_global_identity(chunks, seed=base_seed)
+    handle = apply_drlora(chunks, config, log=lambda s: None) if config is not None else None
+    return chunks, handle
+
+
+def batch(args: MoEModelArgs, batch_size: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, args.vocab_size, (batch_size, args.seq_length), generator=g)
+    position_ids = torch.arange(args.seq_length).unsqueeze(0).expand(batch_size, -1)
+    labels = torch.roll(tokens, -1, dims=1)
+    return tokens, position_ids, labels
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8],
+                          "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def randomize_adapters(handle, seed: int = 7, scale: float = 0.05) -> None:
+    """Non-zero B (and fresh A) for every adapter, layout-independent (full draw, then slice)."""
+    for layer in handle.layers:
+        bank = layer.bank
+        for name in bank.projection_names:
+            spec = bank.specs[name]
+            a, b = bank.factor(name, "A"), bank.factor(name, "B")
+            for local, expert in enumerate(bank.global_expert_ids):
+                g = torch.Generator().manual_seed(_seed(seed, layer.layer, expert, name))
+                full_a = torch.randn(bank.r_max, spec.in_features, generator=g) * scale
+                full_b = torch.randn(spec.out_features, bank.r_max, generator=g) * scale
+                if spec.a_sharded:
+                    w = spec.in_local
+                    full_a = full_a[:, spec.tp_rank * w:(spec.tp_rank + 1) * w]
+                if spec.b_sharded:
+                    w = spec.out_local
+                    full_b = full_b[spec.tp_rank * w:(spec.tp_rank + 1) * w]
+                a[local].copy_(full_a)
+                b[local].copy_(full_b)
+
+
+def grown_rank_map(handle, seed: int = 3) -> torch.Tensor:
+    """A rank map with experts at different ranks in [1, r_max]."""
+    g = torch.Generator().manual_seed(seed)
+    shape = handle.rank_map_shape()
+    return torch.randint(1, handle.config.rank_max + 1, shape, generator=g)
