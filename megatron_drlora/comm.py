@@ -71,3 +71,69 @@ def all_reduce_sum_(tensor: torch.Tensor, group: Optional[object] = None) -> tor
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+# --- Megatron process-group facts DR-LoRA needs ---------------------------------------------
+def expert_data_parallel_rank() -> int:
+    """Rank among the replicas of the same experts (their reduced grads are identical)."""
+    if not is_distributed():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_data_parallel_rank()
+
+
+# --- the per-step statistics reduction ------------------------------------------------------
+def reduce_step_statistics(*tensors: torch.Tensor) -> list:
+    """Sum each tensor over all ranks in ONE fused all-reduce (float64); returns new tensors.
+
+    Rows of layers on other pipeline stages are zero on this rank, experts of other EP ranks
+    likewise, so the world-wide sum assembles the global [layers, experts, ...] statistics and
+    every rank ends with bit-identical values.
+    """
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    if is_distributed():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        buf = flat.to(device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        flat = buf.cpu()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out
+
+
+class RankMapDisagreement(RuntimeError):
+    """Ranks hold different DR-LoRA rank maps: their growth decisions diverged."""
+
+
+def check_rank_map_agreement(rank_map: torch.Tensor, step: int) -> None:
+    """Verify that every rank holds the same [layers, experts, modules] rank map.
+
+    One all-reduce of 2 x layers numbers: per layer a checksum weighting every entry by a fixed
+    pseudo-random number (so no two different maps are likely to collide), reduced as MAX of c
+    and MAX of -c (i.e. max and min). A layer whose max != min disagrees somewhere.
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    L = rank_map.shape[0]
+    weights = torch.rand(rank_map[0].shape, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(20260125)) + 1.0
+    checksum = (rank_map.to(torch.float64) * weights).sum(dim=tuple(range(1, rank_map.dim())))
+    both = torch.cat([checksum, -checksum])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    buf = both.to(device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    buf = buf.cpu()
+    high, low = buf[:L], -buf[L:]
+    bad = [l for l in range(L) if high[l] != low[l]]
+    if bad:
+        raise RankMapDisagreement(
+            f"DR-LoRA rank maps differ between ranks after the growth event at step {step}: "
+            f"MoE layer(s) {bad} (this is rank {dist.get_rank()}, whose checksum for layer "
+            f"{bad[0]} is {checksum[bad[0]].item():.6f}, range over ranks {low[bad[0]].item():.6f}"
+            f"..{high[bad[0]].item():.6f}). The saliency statistics were not identical on all "
+            f"ranks; stopping instead of training diverging replicas.")

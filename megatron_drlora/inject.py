@@ -245,7 +245,6 @@ def _adapt_layer(mlp, layer_index, moe_index, num_experts, config, model_config,
         seed=config.seed,
         dtype=base_weight.dtype,
         device=base_weight.device,
-        expert_parallel=ep_size > 1,
     )
     # Registered on the MoE layer (not inside the experts module) so the experts' own
     # sharded_state_dict and load paths never see adapter tensors.

@@ -17,6 +17,8 @@ from typing import List, Optional
 
 import torch
 
+from megatron_drlora.compat import cpu
+
 
 @dataclass
 class MoEModelArgs:
@@ -115,7 +117,9 @@ def transformer_config(args: MoEModelArgs):
         apply_rope_fusion=False,
         moe_permute_fusion=False,
     )
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    cpu.adjust_model_config(config)
+    return config
 
 
 def layer_spec(config, args: MoEModelArgs, vp_stage: Optional[int] = None):

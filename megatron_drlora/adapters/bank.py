@@ -84,7 +84,6 @@ class ExpertLoRABank(torch.nn.Module):
         seed: int = 1234,
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
-        expert_parallel: bool = False,
     ):
         super().__init__()
         self.layer = int(layer)
@@ -104,9 +103,12 @@ class ExpertLoRABank(torch.nn.Module):
             self.register_parameter(f"{spec.name}_B", torch.nn.Parameter(b))
             for which, sharded, dim in (("A", spec.a_sharded, 2), ("B", spec.b_sharded, 1)):
                 param = self.factor(spec.name, which)
-                # Megatron's expert-parameter contract: with EP > 1, grads are reduced over the
-                # expert-data-parallel group (DDP puts allreduce=False params in the expert buffer).
-                param.allreduce = not expert_parallel
+                # Megatron's expert-parameter contract: allreduce=False puts the param in DDP's
+                # expert buffer, reduced over the expert-data-parallel group and scaled by
+                # edp/dp. Always right for adapters (each expert's gradient already covers the
+                # tokens of its whole dispatch group); Megatron marks its own expert weights only
+                # when EP > 1, which sums different expert-TP shards when EP = 1 < ETP != TP.
+                param.allreduce = False
                 param.drlora = True
                 param.tensor_model_parallel = sharded
                 param.partition_dim = dim if sharded else -1

@@ -276,3 +276,16 @@ def _patch_default_causal_mask() -> None:
     utils.get_default_causal_mask = get_default_causal_mask
     if hasattr(fused_softmax, "get_default_causal_mask"):
         fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
+def adjust_model_config(config) -> None:
+    """Settings of a TransformerConfig that must differ on CPU/gloo.
+
+    batch_p2p_comm: with PP = 2 the previous and next stage are the same rank, and gloo matches
+    batched isend/irecv to one peer in issue order, so an activation and a gradient of the same
+    shape can be swapped (silently wrong losses with virtual pipelining). Megatron's unbatched
+    path sends the two directions over two different groups, which is exact.
+    """
+    if not cuda_missing():
+        return
+    config.batch_p2p_comm = False

@@ -1,0 +1,39 @@
+"""Launch helpers: SLURM/torchrun environment -> distributed settings, and preemption signals.
+
+Nothing here imports torch or Megatron, so the helpers run in a batch shell, on a login node
+and in tests in milliseconds. `slurm` turns the scheduler's variables into the rank/world layout
+(and the torchrun arguments of one node); `preemption` turns SIGTERM/SIGUSR1 into a flag that
+the training loop reduces across ranks and acts on at a step boundary.
+
+The names below are loaded lazily: `python -m megatron_drlora.launch.slurm` would otherwise
+find its own module already imported by this package and print a runpy RuntimeWarning into
+every sbatch log.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "DistributedSettings": "slurm",
+    "ParallelLayoutError": "slurm",
+    "SlurmEnvError": "slurm",
+    "apply_to_environ": "slurm",
+    "check_parallel_layout": "slurm",
+    "expand_hostlist": "slurm",
+    "settings_from_env": "slurm",
+    "PreemptionHandler": "preemption",
+    "is_requeued": "preemption",
+    "requeue_hint": "preemption",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,86 @@
+"""Per-step DR-LoRA statistics gathered on each rank, before any reduction.
+
+- Routing: a forward hook on every adapted layer's router adds the routed probability (and the
+  hard count) each expert received, and the number of tokens routed, summed over all
+  micro-batches of the step. Like Megatron's own router token counter it only counts under
+  `torch.is_grad_enabled()`, so activation recompute (first pass under no_grad, recompute with
+  grad) and evaluation never count twice.
+- Sensitivity: per rank slot, ||dL/da_j (.) a_j||_1 and ||dL/db_j (.) b_j||_1 from the gradient
+  the optimizer will use (Megatron DDP's reduced `main_grad`, else `.grad`).
+
+Both are written into global-shaped tensors ([MoE layers, experts, ...]) with zeros where this
+rank holds nothing, so one all-reduce (comm.reduce_step_statistics) completes them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron_drlora.compat.megatron import reduced_grad
+from megatron_drlora.saliency import rank_sensitivity_l1
+
+
+class RoutingStatistics:
+    """Accumulates routed weight, hard counts and token counts per (MoE layer, expert)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        L, E = handle.num_moe_layers, handle.num_experts
+        self.routed = torch.zeros(L, E, dtype=torch.float64)
+        self.counts = torch.zeros(L, E, dtype=torch.float64)
+        self.tokens = torch.zeros(L, dtype=torch.float64)
+        self._handles = [layer.moe_layer.router.register_forward_hook(self._hook(layer.moe_index))
+                         for layer in handle.layers]
+
+    def _hook(self, moe_index: int):
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and module.training):
+                return None
+            probs, routing_map = output[0], output[1]
+            with torch.no_grad():
+                self.routed[moe_index] += probs.detach().sum(0).to("cpu", torch.float64)
+                self.counts[moe_index] += routing_map.sum(0).to("cpu", torch.float64)
+                self.tokens[moe_index] += probs.shape[0]
+            return None
+
+        return hook
+
+    def reset(self) -> None:
+        self.routed.zero_()
+        self.counts.zero_()
+        self.tokens.zero_()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def local_sensitivity(handle, contributes_a, contributes_b) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[L, E, M, R] l1 partial sums of this rank's adapters, zero elsewhere.
+
+    `contributes_a(bank, name) -> bool` says whether this rank's A shard of a projection must be
+    counted (a factor replicated on several ranks is counted once; sharded factors add their
+    partial sums), likewise `contributes_b`.
+    """
+    L, E = handle.num_moe_layers, handle.num_experts
+    M, R = len(handle.projections), handle.config.rank_max
+    l1_a = torch.zeros(L, E, M, R, dtype=torch.float64)
+    l1_b = torch.zeros(L, E, M, R, dtype=torch.float64)
+    for layer in handle.layers:
+        bank = layer.bank
+        ids = torch.tensor(bank.global_expert_ids)
+        for j, name in enumerate(bank.projection_names):
+            for which, rank_dim, out, gate in (("A", 1, l1_a, contributes_a),
+                                               ("B", 2, l1_b, contributes_b)):
+                if not gate(bank, name):
+                    continue
+                param = bank.factor(name, which)
+                grad = reduced_grad(param)
+                if grad is None:
+                    continue
+                grad = grad.view_as(param)
+                out[layer.moe_index, ids, j] = rank_sensitivity_l1(grad, param, rank_dim).cpu()
+    return l1_a, l1_b

@@ -1,0 +1,231 @@
+"""One forward+backward (+ DR-LoRA statistics, a growth decision and an optimizer step) of the
+same global tiny MoE under a given parallel layout; rank 0 saves everything gathered to global
+expert indices, for comparison with the single-process run of the same script.
+
+Usage: torchrun --nproc_per_node N parity_worker.py OUT [--tp 2] [--ep 2] [--etp 1] [--pp 2]
+       [--vpp 2] [--dispatcher alltoall|allgather] [--perturb-rank R] [--recompute]
+"""
+
+import argparse
+import faulthandler
+import sys
+
+import torch
+import torch.distributed as dist
+
+faulthandler.dump_traceback_later(200, exit=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--dispatcher", default="alltoall")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--perturb-rank", type=int, default=-1)
+    p.add_argument("--saliency", default="full")
+    p.add_argument("--allocation", default="layer")
+    args = p.parse_args()
+
+    from megatron_drlora.parallel_setup import ParallelSizes, initialize_megatron_parallel
+
+    initialize_megatron_parallel(ParallelSizes(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
+        expert_tensor_parallel_size=args.etp))
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_drlora import DRLoRAConfig, comm
+    from megatron_drlora.controller import DRLoRAController
+    from tests.tiny import batch, build, grown_rank_map, randomize_adapters, tiny_args
+
+    margs = tiny_args(num_layers=args.layers, tensor_model_parallel_size=args.tp,
+                      pipeline_model_parallel_size=args.pp,
+                      virtual_pipeline_model_parallel_size=args.vpp,
+                      expert_model_parallel_size=args.ep, expert_tensor_parallel_size=args.etp,
+                      moe_token_dispatcher_type=args.dispatcher)
+    cfg = DRLoRAConfig(budget=8, grow_interval=1, grow_buffer=0, warmup_iters=0,
+                       saliency=args.saliency, allocation=args.allocation)
+    chunks, handle = build(margs, cfg)
+    randomize_adapters(handle)
+    handle.set_rank_map(grown_rank_map(handle))
+    config = chunks[0].config
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=False)
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=c)
+             for c in chunks]
+    config.finalize_model_grads_func = finalize_model_grads
+    controller = DRLoRAController(handle, train_iters=10, warmup_iters=0)
+    controller.rank_map = grown_rank_map(handle)
+    handle.set_rank_map(controller.rank_map)
+
+    # The same global batch everywhere; each DP rank takes its contiguous slice.
+    global_batch, micro = 8, 2
+    tokens, pos, labels = batch(margs, batch_size=global_batch, seed=5)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_dp = global_batch // dp
+    sl = slice(dp_rank * per_dp, (dp_rank + 1) * per_dp)
+    tokens, pos, labels = tokens[sl], pos[sl], labels[sl]
+    n_micro = per_dp // micro
+    micro_batches = [(tokens[i * micro:(i + 1) * micro], pos[i * micro:(i + 1) * micro],
+                      labels[i * micro:(i + 1) * micro]) for i in range(n_micro)]
+    captured = []
+
+    def forward_step(data_iterator, chunk):
+        tk, ps_, lb = next(data_iterator)
+        logits = chunk(tk, ps_, None)
+
+        def loss_func(output):
+            unwrapped = chunk.module
+            loss_tok = unwrapped.compute_language_model_loss(lb, output.transpose(0, 1)
+                                                             .contiguous())
+            captured.append((output.detach().clone(), loss_tok.detach().clone()))
+            loss = loss_tok.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return logits, loss_func
+
+    for m in model:
+        m.zero_grad_buffer()
+    data = iter(micro_batches)
+    fb = get_forward_backward_func()
+    fb(forward_step_func=forward_step,
+       data_iterator=[iter(micro_batches) for _ in model] if args.vpp else data,
+       model=model if args.vpp else model[0], num_microbatches=n_micro,
+       seq_length=margs.seq_length, micro_batch_size=micro, forward_only=False)
+
+    # --- gather logits and per-token loss (vocab over TP, batch over DP, last PP stage) ---
+    results = {}
+    last_stage = ps.is_pipeline_last_stage()
+    if last_stage and captured:
+        logits = torch.cat([c[0] for c in captured])      # [per_dp, S, V/tp]
+        loss_tok = torch.cat([c[1] for c in captured])    # [per_dp, S]
+        if args.tp > 1:
+            parts = [torch.empty_like(logits) for _ in range(args.tp)]
+            dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+            logits = torch.cat(parts, dim=-1)
+        mine = (logits, loss_tok)
+    else:
+        mine = None
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (dp_rank, ps.get_tensor_model_parallel_rank(), mine))
+    pieces = {}
+    for d, t, m in gathered:
+        if m is not None and t == 0:
+            pieces[d] = m
+    results["logits"] = torch.cat([pieces[d][0] for d in sorted(pieces)])
+    results["loss"] = torch.cat([pieces[d][1] for d in sorted(pieces)])
+
+    # --- adapter gradients at global expert index -----------------------------------------
+    edp_rank = ps.get_expert_data_parallel_rank()
+    grads = {}
+    for moe_index in range(handle.num_moe_layers):
+        for name in handle.projections:
+            for which in ("A", "B"):
+                grads[(moe_index, name, which)] = None
+    local = {l.moe_index: l for l in handle.layers}
+    shapes = {}
+    probe = handle.layers[0].bank
+    for name in handle.projections:
+        spec = probe.specs[name]
+        shapes[(name, "A")] = (handle.num_experts, probe.r_max, spec.in_features)
+        shapes[(name, "B")] = (handle.num_experts, spec.out_features, probe.r_max)
+    for key in grads:
+        moe_index, name, which = key
+        full = torch.zeros(shapes[(name, which)], dtype=torch.float64)
+        layer = local.get(moe_index)
+        if layer is not None and edp_rank == 0:
+            bank = layer.bank
+            spec = bank.specs[name]
+            param = bank.factor(name, which)
+            g = param.main_grad.view_as(param).double()
+            ids = torch.tensor(bank.global_expert_ids)
+            if which == "A" and spec.a_sharded:
+                w = spec.in_local
+                full[ids, :, spec.tp_rank * w:(spec.tp_rank + 1) * w] = g
+            elif which == "B" and spec.b_sharded:
+                w = spec.out_local
+                full[ids, spec.tp_rank * w:(spec.tp_rank + 1) * w] = g
+            elif spec.tp_rank == 0:
+                full[ids] = g
+        dist.all_reduce(full)
+        grads[key] = full
+    results["grads"] = grads
+
+    # --- DR-LoRA statistics and a growth decision (event at step 0) ------------------------
+    if dist.get_rank() == args.perturb_rank:
+        original = controller.saliency.update
+
+        def perturbed(routed, tokens_, *rest):
+            routed = routed.clone()
+            routed[0] = -routed[0]  # this rank's layer-0 saliency order is reversed
+            return original(routed, tokens_, *rest)
+
+        controller.saliency.update = perturbed
+    snapshot = {}
+    reset = controller.saliency.reset_importance
+
+    def reset_with_snapshot(*a, **k):
+        snapshot["importance"] = controller.saliency.importance.clone()
+        return reset(*a, **k)
+
+    controller.saliency.reset_importance = reset_with_snapshot
+    try:
+        report = controller.after_gradients(0)
+    except comm.RankMapDisagreement as e:
+        print(f"RANK{dist.get_rank()} DISAGREEMENT: {e}", flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.exit(0)
+    results["frequency"] = controller.saliency.frequency.clone()
+    results["importance"] = snapshot["importance"]
+    results["saliency"] = controller.events[-1]["saliency"]
+    results["rank_map"] = controller.rank_map.clone()
+    results["event"] = report.event
+
+    # --- optimizer step, then every replica of a replicated tensor must be identical -------
+    params = [p for m in model for p in m.parameters() if p.requires_grad]
+    for p_ in params:
+        p_.grad = p_.main_grad.view_as(p_).to(p_.dtype)
+    torch.optim.Adam(params, lr=1e-2).step()
+    mismatches = []
+    for chunk in chunks:
+        for pname, p_ in chunk.named_parameters():
+            if not p_.requires_grad:
+                continue
+            if getattr(p_, "drlora", False):
+                group = ps.get_expert_data_parallel_group()
+            else:
+                group = ps.get_data_parallel_group()
+            n = dist.get_world_size(group)
+            copies = [torch.empty_like(p_.data) for _ in range(n)]
+            dist.all_gather(copies, p_.data.contiguous(), group=group)
+            if not all(torch.equal(copies[0], c) for c in copies):
+                mismatches.append(pname)
+            if getattr(p_, "drlora", False) and not getattr(p_, "tensor_model_parallel", False):
+                etp_group = ps.get_expert_tensor_parallel_group()
+                n = dist.get_world_size(etp_group)
+                copies = [torch.empty_like(p_.data) for _ in range(n)]
+                dist.all_gather(copies, p_.data.contiguous(), group=etp_group)
+                if not all(torch.equal(copies[0], c) for c in copies):
+                    mismatches.append(pname + " (expert-TP replicas)")
+    all_mismatches = [None] * dist.get_world_size()
+    dist.all_gather_object(all_mismatches, mismatches)
+    results["replica_mismatches"] = sorted({m for ms in all_mismatches for m in ms})
+
+    if dist.get_rank() == 0:
+        torch.save(results, args.out)
+        print("PARITY_WORKER_DONE", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
