@@ -20,7 +20,7 @@ import torch
 
 from megatron_drlora import comm
 from megatron_drlora.allocator import allocate_growth
-from megatron_drlora.compat.megatron import reduced_grad
+from megatron_drlora.compat.megatron import distributed_optimizer_grad_masks
 from megatron_drlora.saliency import SaliencyState
 from megatron_drlora.schedule import GrowthSchedule
 from megatron_drlora.statistics import RoutingStatistics, local_sensitivity
@@ -48,7 +48,8 @@ class StepReport:
 class DRLoRAController:
     """Statistics, saliency EMAs, the growth schedule and the rank map of one training run."""
 
-    def __init__(self, handle, train_iters: int, warmup_iters: Optional[int] = 0):
+    def __init__(self, handle, train_iters: int, warmup_iters: Optional[int] = 0,
+                 ddp_models=None):
         self.handle = handle
         self.config = handle.config
         L, E, M = handle.rank_map_shape()
@@ -60,11 +61,16 @@ class DRLoRAController:
         self.routing = RoutingStatistics(handle)
         self.events: List[Dict] = []
         self._edp_rank = comm.expert_data_parallel_rank()
+        # With the distributed optimizer each expert-DP rank owns a shard of the reduced grads.
+        self._grad_masks = distributed_optimizer_grad_masks(ddp_models,
+                                                            list(handle.lora_parameters()))
 
     # --- which shards count ----------------------------------------------------------------
     def _contributes(self, sharded_attr: str):
         def gate(bank, name) -> bool:
-            if self._edp_rank != 0:  # replicas of these experts hold the same reduced grads
+            # Replicas of these experts hold the same reduced grads: count one of them; with the
+            # distributed optimizer every replica adds the shard it owns instead.
+            if not self._grad_masks and self._edp_rank != 0:
                 return False
             spec = bank.specs[name]
             return getattr(spec, sharded_attr) or spec.tp_rank == 0
@@ -84,7 +90,8 @@ class DRLoRAController:
             tensors = [routed, self.routing.tokens]
             if need_grads:
                 tensors += list(local_sensitivity(self.handle, self._contributes("a_sharded"),
-                                                  self._contributes("b_sharded")))
+                                                  self._contributes("b_sharded"),
+                                                  self._grad_masks))
             reduced = comm.reduce_step_statistics(*tensors)
             l1_a, l1_b = (reduced[2], reduced[3]) if need_grads else (None, None)
             self.saliency.update(reduced[0], reduced[1], l1_a, l1_b, self.rank_map, cfg.beta)

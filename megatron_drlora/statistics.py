@@ -58,13 +58,17 @@ class RoutingStatistics:
         self._handles = []
 
 
-def local_sensitivity(handle, contributes_a, contributes_b) -> Tuple[torch.Tensor, torch.Tensor]:
+def local_sensitivity(handle, contributes_a, contributes_b,
+                      grad_masks=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """[L, E, M, R] l1 partial sums of this rank's adapters, zero elsewhere.
 
     `contributes_a(bank, name) -> bool` says whether this rank's A shard of a projection must be
     counted (a factor replicated on several ranks is counted once; sharded factors add their
-    partial sums), likewise `contributes_b`.
+    partial sums), likewise `contributes_b`. `grad_masks[param]` (distributed optimizer) keeps
+    only the elements whose reduced gradient this rank owns; l1 sums are additive over elements,
+    so the shards of all expert-data-parallel ranks add up to the full value.
     """
+    grad_masks = grad_masks or {}
     L, E = handle.num_moe_layers, handle.num_experts
     M, R = len(handle.projections), handle.config.rank_max
     l1_a = torch.zeros(L, E, M, R, dtype=torch.float64)
@@ -82,5 +86,7 @@ def local_sensitivity(handle, contributes_a, contributes_b) -> Tuple[torch.Tenso
                 if grad is None:
                     continue
                 grad = grad.view_as(param)
+                if param in grad_masks:
+                    grad = grad * grad_masks[param]
                 out[layer.moe_index, ids, j] = rank_sensitivity_l1(grad, param, rank_dim).cpu()
     return l1_a, l1_b

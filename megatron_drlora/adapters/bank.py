@@ -110,9 +110,16 @@ class ExpertLoRABank(torch.nn.Module):
                 # when EP > 1, which sums different expert-TP shards when EP = 1 < ETP != TP.
                 param.allreduce = False
                 param.drlora = True
-                param.tensor_model_parallel = sharded
-                param.partition_dim = dim if sharded else -1
+                param.drlora_sharded = sharded  # sharded across expert-TP like its base layer
+                # Grad-norm bookkeeping: like Megatron's expert weights every adapter factor is
+                # "tensor parallel" (counted on every rank), except a factor replicated across
+                # expert-TP ranks, which is counted on expert-TP rank 0 only ('shared' elsewhere).
+                duplicate = spec.tp_size > 1 and not sharded and spec.tp_rank != 0
+                param.tensor_model_parallel = not duplicate
+                param.partition_dim = dim
                 param.partition_stride = 1
+                if duplicate:
+                    param.shared = True
         # The active rank of every (local expert, projection); a Python copy avoids a
         # device-to-host sync in every forward.
         self.register_buffer(

@@ -95,6 +95,7 @@ def enable_cpu_support() -> bool:
     _patch_missing_te_gemm()
     _patch_torch_norm_sequence_parallel()
     _patch_schedules_device()
+    _patch_megatron_optimizer()
     _patch_uneven_allgather()
     _patch_default_causal_mask()
     return True
@@ -216,13 +217,12 @@ def _patch_torch_norm_sequence_parallel() -> None:
     torch_norm.WrappedTorchNorm._drlora_cpu_patched = True
 
 
-def _patch_schedules_device() -> None:
-    """The pipeline schedules allocate `torch.zeros([], device="cuda")` for token counts.
+def _torch_with_cuda_factories_on_cpu() -> types.ModuleType:
+    """A stand-in for the `torch` module whose tensor factories map device="cuda" to CPU.
 
-    The schedules module gets a `torch` proxy that maps device="cuda" to CPU for the few
-    factory functions; torch itself is untouched.
+    Given to the few Megatron modules that allocate small bookkeeping tensors with a hard-coded
+    device="cuda"; torch itself is untouched.
     """
-    from megatron.core.pipeline_parallel import schedules
 
     def _cpu_device(kwargs):
         device = kwargs.get("device")
@@ -235,7 +235,44 @@ def _patch_schedules_device() -> None:
     for fn_name in ("zeros", "ones", "empty", "tensor", "full"):
         fn = getattr(torch, fn_name)
         setattr(proxy, fn_name, (lambda f: lambda *a, **k: f(*a, **_cpu_device(k)))(fn))
-    schedules.torch = proxy
+    return proxy
+
+
+def _patch_schedules_device() -> None:
+    """The pipeline schedules allocate `torch.zeros([], device="cuda")` for token counts."""
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _torch_with_cuda_factories_on_cpu()
+
+
+def _patch_megatron_optimizer() -> None:
+    """Let Megatron's own optimizer (plain and distributed) run on CPU.
+
+    - optimizer.py, clip_grads.py, grad_scaler.py, distrib_optimizer.py and core/utils.py
+      (local multi-tensor l2 norm) allocate found-inf flags, norms and scales on "cuda": they get
+      the CPU factory proxy.
+    - The optimizers accept parameters by their type name ('torch.cuda.FloatTensor', ...) and
+      grad clipping asserts it. On a CPU-only machine `Tensor.type()` without arguments reports
+      CPU tensors under the CUDA name, so those checks accept them; `type(dtype)` conversions
+      are untouched.
+    """
+    import megatron.core.utils as mcore_utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler, optimizer
+
+    proxy = _torch_with_cuda_factories_on_cpu()
+    for module in (optimizer, clip_grads, grad_scaler, distrib_optimizer, mcore_utils):
+        module.torch = proxy
+    if getattr(torch.Tensor.type, "_drlora_cpu", False):
+        return
+    original_type = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original_type(self).replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    type_._drlora_cpu = True
+    torch.Tensor.type = type_
 
 
 def _patch_uneven_allgather() -> None:

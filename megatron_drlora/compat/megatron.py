@@ -115,3 +115,33 @@ def reduced_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
     if grad is not None:
         return grad
     return param.grad
+
+
+def distributed_optimizer_grad_masks(ddp_models, params) -> dict:
+    """For params in a distributed-optimizer DDP buffer: a bool mask of the elements whose
+    `main_grad` is fully reduced on this rank (its reduce-scatter shard); elsewhere main_grad
+    still holds this rank's unreduced gradient. Params of non-distributed buffers are absent.
+    """
+    wanted = {id(p) for p in params}
+    masks = {}
+    for ddp in ddp_models or []:
+        if not getattr(getattr(ddp, "ddp_config", None), "use_distributed_optimizer", False):
+            continue
+        buffers = list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers",
+                                                                    []))
+        for buffer in buffers:
+            for param, (start, end, bucket_id) in buffer.param_index_map.items():
+                if id(param) not in wanted:
+                    continue
+                group = ddp.param_to_bucket_group[param]
+                size = group.intra_distributed_optimizer_instance_size
+                rank = group.intra_distributed_optimizer_instance_rank
+                bucket = buffer.buckets[bucket_id]
+                shard = bucket.grad_data.numel() // size
+                lo = max(start, bucket.offset + rank * shard)
+                hi = min(end, bucket.offset + (rank + 1) * shard)
+                mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+                if hi > lo:
+                    mask[lo - start:hi - start] = True
+                masks[param] = mask.view(param.shape)
+    return masks

@@ -29,6 +29,7 @@ def main():
     p.add_argument("--perturb-rank", type=int, default=-1)
     p.add_argument("--saliency", default="full")
     p.add_argument("--allocation", default="layer")
+    p.add_argument("--dist-opt", action="store_true")
     args = p.parse_args()
 
     from megatron_drlora.parallel_setup import ParallelSizes, initialize_megatron_parallel
@@ -58,11 +59,11 @@ def main():
     handle.set_rank_map(grown_rank_map(handle))
     config = chunks[0].config
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=False)
+                                            use_distributed_optimizer=args.dist_opt)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=c)
              for c in chunks]
     config.finalize_model_grads_func = finalize_model_grads
-    controller = DRLoRAController(handle, train_iters=10, warmup_iters=0)
+    controller = DRLoRAController(handle, train_iters=10, warmup_iters=0, ddp_models=model)
     controller.rank_map = grown_rank_map(handle)
     handle.set_rank_map(controller.rank_map)
 
@@ -141,11 +142,13 @@ def main():
         moe_index, name, which = key
         full = torch.zeros(shapes[(name, which)], dtype=torch.float64)
         layer = local.get(moe_index)
-        if layer is not None and edp_rank == 0:
+        if layer is not None and (edp_rank == 0 or args.dist_opt):
             bank = layer.bank
             spec = bank.specs[name]
             param = bank.factor(name, which)
             g = param.main_grad.view_as(param).double()
+            if args.dist_opt:  # only this rank's shard of the reduced gradient is valid
+                g = g * controller._grad_masks[param]
             ids = torch.tensor(bank.global_expert_ids)
             if which == "A" and spec.a_sharded:
                 w = spec.in_local
@@ -191,10 +194,15 @@ def main():
     results["event"] = report.event
 
     # --- optimizer step, then every replica of a replicated tensor must be identical -------
-    params = [p for m in model for p in m.parameters() if p.requires_grad]
-    for p_ in params:
-        p_.grad = p_.main_grad.view_as(p_).to(p_.dtype)
-    torch.optim.Adam(params, lr=1e-2).step()
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, bf16=False, fp16=False,
+                        params_dtype=torch.float32, use_distributed_optimizer=args.dist_opt,
+                        clip_grad=1.0), model)
+    ok, grad_norm, _ = optimizer.step()
+    assert ok
+    results["grad_norm"] = grad_norm
     mismatches = []
     for chunk in chunks:
         for pname, p_ in chunk.named_parameters():
@@ -209,7 +217,7 @@ def main():
             dist.all_gather(copies, p_.data.contiguous(), group=group)
             if not all(torch.equal(copies[0], c) for c in copies):
                 mismatches.append(pname)
-            if getattr(p_, "drlora", False) and not getattr(p_, "tensor_model_parallel", False):
+            if getattr(p_, "drlora", False) and not p_.drlora_sharded:
                 etp_group = ps.get_expert_tensor_parallel_group()
                 n = dist.get_world_size(etp_group)
                 copies = [torch.empty_like(p_.data) for _ in range(n)]
