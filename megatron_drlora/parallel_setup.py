@@ -24,13 +24,13 @@ class ParallelSizes:
 
 
 def init_distributed(timeout_s: int = 300) -> None:
-    """env:// init (torchrun or the SLURM launcher set the variables); single process otherwise."""
+    """env:// init from torchrun's variables, SLURM's (srun one task per GPU), or a single
+    local process; an inconsistent launch environment is a clear error, not a world of 1."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    from megatron_drlora.launch.slurm import apply_to_environ, settings_from_env
+
+    apply_to_environ(settings_from_env())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -167,6 +167,11 @@ class ExpertLoRABank(torch.nn.Module):
         self.ranks.copy_(ranks.to(self.ranks.device))
         self._ranks_list = ranks.tolist()
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """Nothing: Megatron's model-wide sharded_state_dict (the base) never sees adapters.
+        Adapters are saved by megatron_drlora.checkpoint under layout-independent keys."""
+        return {}
+
     # --- sizes ----------------------------------------------------------------------------
     def active_parameters(self) -> int:
         """Trainable parameters in the active prefixes of this rank's shards."""

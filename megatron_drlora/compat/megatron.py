@@ -145,3 +145,19 @@ def distributed_optimizer_grad_masks(ddp_models, params) -> dict:
                     mask[lo - start:hi - start] = True
                 masks[param] = mask.view(param.shape)
     return masks
+
+
+def build_optimizer(optimizer_config, ddp_models):
+    """Megatron's optimizer (plain or distributed, as configured) with weight decay off for the
+    router, besides Megatron's usual bias / 1-d exclusions: DR-LoRA freezes the router during
+    warm-up by zeroing its gradient, and a decoupled weight decay would still move it."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    try:  # megatron-core >= 0.16: per-parameter overrides
+        from megatron.core.optimizer import get_standard_config_overrides
+        from megatron.core.optimizer import ParamGroupOverride, ParamKey
+    except ImportError:
+        return get_megatron_optimizer(optimizer_config, ddp_models)
+    overrides = get_standard_config_overrides(config=optimizer_config)
+    overrides[ParamKey(name="*.router.*")] = ParamGroupOverride(wd_mult=0.0)
+    return get_megatron_optimizer(optimizer_config, ddp_models, config_overrides=overrides)

