@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--eval-iters", type=int, default=0)
     lg.add_argument("--tensorboard-dir", default=None)
     lg.add_argument("--drlora-log-dir", default=None,
-                    help="Where the rank-map JSONL and heatmaps go (default: --save or .)")
+                    help="Where metrics, the rank-map JSONL and plots go (default: --save, else runs/)")
     lg.add_argument("--exit-signal-handler", action="store_true", default=True,
                     help="Save at the next step boundary on SIGTERM/SIGUSR1 and exit 0.")
     add_drlora_args(p)

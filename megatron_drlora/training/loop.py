@@ -267,7 +267,7 @@ def _run(args, handler) -> Dict:
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     forward_backward = get_forward_backward_func()
 
-    log_dir = args.drlora_log_dir or args.save or "."
+    log_dir = args.drlora_log_dir or args.save or "runs"
     rank_log = None
     if controller is not None:
         rank_log = RankLog(log_dir, handle.projections, handle.moe_layer_numbers)
