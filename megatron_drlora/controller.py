@@ -41,7 +41,8 @@ class StepReport:
     def log_line(self) -> str:
         per_layer = " ".join(f"L{l}:{lo}-{hi}" for l, (lo, hi) in
                              enumerate(zip(self.layer_min, self.layer_max)))
-        return (f" growth event at iteration {self.step:8d} | +{self.grown} module-ranks | "
+        return (f" growth event at step {self.step:8d} (iteration {self.step + 1}) | "
+                f"+{self.grown} module-ranks | "
                 f"average rank {self.average_rank:.2f} | min-max per layer {per_layer}")
 
 

@@ -63,7 +63,7 @@ def plot_heatmap(record: Dict, path: str, title: Optional[str] = None) -> str:
         step = 1 if E <= 32 else 8
         ax.set_xticks(range(0, E, step))
         fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
-    fig.suptitle(title or f"DR-LoRA ranks at iteration {record['iteration']} (average "
+    fig.suptitle(title or f"DR-LoRA ranks after step {record['iteration']} (average "
                  f"{record['average_rank']:.2f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

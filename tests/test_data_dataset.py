@@ -7,7 +7,6 @@ re-deriving the dataset's document layout.
 """
 
 import importlib.util
-import json
 import os
 import pickle
 import random

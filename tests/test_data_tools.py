@@ -13,7 +13,7 @@ import sys
 import numpy
 import pytest
 
-from megatron_drlora.data.synthetic import generate, write_jsonl
+from megatron_drlora.data.synthetic import generate_mixed
 from megatron_drlora.data.tokenizer import TokenizerError, file_sha256, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,7 @@ def test_generate_corpus_files(workdir):
     records = [json.loads(x) for x in lines]
     assert len(records) == 180 and {r["domain"] for r in records[:20]} == {
         "arithmetic", "reverse", "prose"}, "mixed.jsonl is shuffled"
+    assert records == generate_mixed(["arithmetic", "reverse", "prose"], 60, seed=5)
     assert all("text" in json.loads(x) for x in
                (workdir / "text" / "prose.jsonl").read_text().splitlines())
 

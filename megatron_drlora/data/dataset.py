@@ -84,7 +84,8 @@ def ensure_dataset_helpers() -> None:
         ) from None
 
 
-def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Optional[List[float]]]:
+def parse_data_path(
+        data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Optional[List[float]]]:
     """Megatron's `--data-path [w1] p1 [w2] p2 ...` -> (prefixes, weights or None).
 
     Either every prefix has a weight in front of it or none has; weights must be > 0.
@@ -378,8 +379,9 @@ def build_gpt_datasets(
     if blended and data_cache_path and not torch.distributed.is_initialized():
         # megatron-core 0.16.1 BlendedDataset calls torch.distributed.get_rank() on a cache
         # miss whenever a cache path is set, which fails without a process group.
-        logger.warning("torch.distributed is not initialized: blended dataset indices are "
-                       "not cached (data_cache_path ignored)")
+        logger.warning("torch.distributed is not initialized: data_cache_path is ignored for "
+                       "this blend; GPTDataset indices go to megatron's default <prefix>/cache "
+                       "and the blend indices are rebuilt (cheap)")
         data_cache_path = None
 
     config = GPTDatasetConfig(

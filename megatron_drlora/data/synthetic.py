@@ -19,6 +19,16 @@ Design constraints that shaped the domains:
   them in a few hundred steps;
 - every answer is a pure function of the prompt (`expected_response`), so `is_correct` does
   not need the record that produced the prompt.
+
+Distinct prompts per domain: arithmetic 255, units 108, dates 84, prose 480 (fact tables:
+evaluate on fresh draws, which overlap training); code ~4.8k, reverse ~10k, sort ~27k (draw a
+held-out set with `exclude_prompts`).
+
+Measured learnability (plain PyTorch 2-layer transformer, hidden 128, seq 64, micro-batch 32,
+AdamW 3e-3, loss on responses only, greedy exact match on 100 prompts drawn with seed 99):
+- one domain, 300 steps: arithmetic 43%, code 22%, dates 36%, reverse 27%, sort 69%;
+- all seven mixed, 400 steps: arithmetic 15%, code 33%, prose 100%, units 73%, dates 14%,
+  reverse 2%, sort 38% (hidden 64: 8, 27, 100, 33, 17, 0, 30%).
 """
 
 from __future__ import annotations

@@ -96,12 +96,14 @@ class _MockData:
 
 def _data_iterators(args, tokenizer, global_batch: int, consumed: int, dp_rank: int,
                     dp_size: int, vocab: int):
-    """(train, valid) iterators of micro-batch dicts, resuming at `consumed` samples."""
+    """Train iterator of micro-batch dicts (resuming at `consumed` samples) and a factory of
+    validation iterators: every evaluation reads the same validation batches, so the losses
+    before and after training compare like with like."""
     if args.mock_data:
         train = _MockData(vocab, args.seq_length, args.micro_batch_size, args.seed, dp_rank,
                           dp_size, consumed)
-        valid = _MockData(vocab, args.seq_length, args.micro_batch_size, args.seed + 1, dp_rank,
-                          dp_size, 0) if args.eval_iters else None
+        valid = (lambda: _MockData(vocab, args.seq_length, args.micro_batch_size, args.seed + 1,
+                                   dp_rank, dp_size, 0)) if args.eval_iters else None
         return train, valid
     from megatron_drlora.data.dataset import (build_data_iterator, build_gpt_datasets,
                                               train_valid_test_num_samples)
@@ -115,8 +117,8 @@ def _data_iterators(args, tokenizer, global_batch: int, consumed: int, dp_rank: 
                                 num_workers=args.num_workers)
     valid = None
     if valid_ds is not None and args.eval_iters:
-        valid = build_data_iterator(valid_ds, args.micro_batch_size, dp_rank, dp_size, 0,
-                                    cyclic=True)
+        valid = lambda: build_data_iterator(valid_ds, args.micro_batch_size, dp_rank,  # noqa
+                                            dp_size, 0, cyclic=True)
     return train, valid
 
 
@@ -326,7 +328,7 @@ def _run(args, handler) -> Dict:
                 log0(report.log_line())
                 rank_log.write(report.step, controller.rank_map,
                                saliency=controller.events[-1]["saliency"])
-                record["event"] = True
+                record["event_step"] = report.step
         history.append(record)
         metrics.write(record)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -365,10 +367,11 @@ def _run(args, handler) -> Dict:
     if controller is not None:
         summary["rank_map"] = controller.rank_map.clone()
         summary["rank_log"] = rank_log.path
-        summary["events"] = [r["iteration"] for r in history if r.get("event")]
+        summary["events"] = [r["event_step"] for r in history if "event_step" in r]
     if valid_iter is not None and args.eval_iters:
-        summary["final_valid_loss"] = evaluate(model, valid_iter, run_batches, args.eval_iters,
-                                               num_micro)
+        last = history[-1] if history else {}
+        summary["final_valid_loss"] = last["valid_loss"] if "valid_loss" in last else \
+            evaluate(model, valid_iter, run_batches, args.eval_iters, num_micro)
         log0(f" validation loss at iteration {iteration} (end): "
              f"{summary['final_valid_loss']:.6E}")
     _write_summary(summary, args)
@@ -402,10 +405,11 @@ def _write_summary(summary: Dict, args) -> None:
         json.dump(out, fh, indent=2)
 
 
-def evaluate(model, valid_iter, run_batches, eval_iters: int, num_micro: int) -> float:
-    """Mean validation loss over eval_iters global batches (forward only, no statistics)."""
+def evaluate(model, valid_iters, run_batches, eval_iters: int, num_micro: int) -> float:
+    """Mean validation loss over the first eval_iters validation batches (forward only)."""
     from megatron.core import parallel_state as ps
 
+    valid_iter = valid_iters()
     for m in model:
         m.eval()
     total = torch.zeros(2, dtype=torch.float64)
