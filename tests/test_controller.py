@@ -42,7 +42,7 @@ def test_growth_happens_exactly_at_planned_steps_and_reaches_target():
     assert len(set(controller.rank_map.flatten().tolist())) > 1  # ranks are heterogeneous
     for r in reports:
         if r.event:
-            assert "growth event at iteration" in r.log_line()
+            assert f"growth event at step {r.step:8d}" in r.log_line()
 
 
 def test_router_frozen_during_warmup_then_trained():

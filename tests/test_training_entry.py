@@ -49,7 +49,7 @@ def test_two_process_run_grows_at_planned_steps_saves_and_learns(tmp_path):
                                              "--save-interval", "8"])
     events = [r["iteration"] for r in _ranks(out) if r["kind"] == "event"]
     assert events == [2, 5, 8, 11, 14]  # warm-up 2, every 3 steps, up to t_end = 16 - 2
-    assert "growth event at iteration" in log and "lm loss" in log
+    assert "growth event at step" in log and "lm loss" in log
     assert os.path.isdir(tmp_path / "ckpt" / "iter_0000008")
     assert open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read() == "16"
     first = sum(m["loss"] for m in metrics[:3]) / 3
