@@ -160,10 +160,10 @@ def test_legacy_grouped_mlp_matches_dense_reference(monkeypatch):
     grouped_gemm CUDA kernel."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe import experts as mexperts
-    from megatron.core.transformer.moe import grouped_gemm_util as gg
 
     if not hasattr(mexperts, "GroupedMLP"):
-        pytest.skip("legacy GroupedMLP was removed in this megatron-core")
+        pytest.skip("legacy GroupedMLP was removed in this megatron-core (>= 0.19)")
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
 
     def ref_gmm(x, w, counts, trans_b=False):
         pieces = torch.split(x, [int(c) for c in counts])
