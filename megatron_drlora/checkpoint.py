@@ -253,3 +253,14 @@ def restore_rng_state(path: Optional[str]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_adapters(root: str, chunks, handle, iteration: Optional[int] = None) -> Dict:
+    """Adapters (+ trained router) and the rank map of a DR-LoRA checkpoint, for evaluation or
+    export under any parallel layout (no optimizer state). Returns the common state."""
+    loaded = load_checkpoint(root, chunks, handle, optimizer=None, iteration=iteration)
+    state = loaded.get("drlora")
+    if not state or "rank_map" not in state:
+        raise CheckpointError(f"{root}: no DR-LoRA state (rank map) in the checkpoint")
+    handle.set_rank_map(torch.as_tensor(state["rank_map"], dtype=torch.int64))
+    return loaded

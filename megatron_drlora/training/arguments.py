@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--moe-router-pre-softmax", action="store_true")
     m.add_argument("--moe-router-score-function", default="softmax", choices=["softmax", "sigmoid"])
     m.add_argument("--qk-layernorm", action="store_true")
+    m.add_argument("--qk-layernorm-scope", default="head", choices=["head", "projection"],
+                   help="head: Megatron's per-head q/k norm (Qwen3-MoE); projection: one norm "
+                        "over the whole q/k projection (OLMoE).")
+    m.add_argument("--add-qkv-bias", action="store_true",
+                   help="Bias on the q/k/v projections only (Qwen2-MoE).")
+    m.add_argument("--kv-channels", type=int, default=None,
+                   help="Attention head size (default hidden size / heads).")
+    m.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    m.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="Sigmoid gate on the shared expert's output (Qwen2-MoE).")
     m.add_argument("--swiglu", action="store_true")
     m.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
     m.add_argument("--norm-epsilon", type=float, default=1e-5)
@@ -61,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-method-std", type=float, default=0.02)
     m.add_argument("--hidden-dropout", type=float, default=0.0)
     m.add_argument("--attention-dropout", type=float, default=0.0)
+    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Pad the vocabulary to a multiple of lcm(this, TP).")
     m.add_argument("--vocab-size", type=int, default=None,
                    help="Only without a tokenizer (synthetic data); else from the tokenizer.")
 

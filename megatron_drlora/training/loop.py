@@ -41,7 +41,11 @@ def _model_args(args, vocab_size: int):
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_score_function=args.moe_router_score_function,
-        qk_layernorm=args.qk_layernorm, swiglu=args.swiglu, normalization=args.normalization,
+        qk_layernorm=args.qk_layernorm, qk_layernorm_scope=args.qk_layernorm_scope,
+        add_qkv_bias=args.add_qkv_bias, kv_channels=args.kv_channels,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        swiglu=args.swiglu, normalization=args.normalization,
         layernorm_epsilon=args.norm_epsilon,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         vocab_size=vocab_size, seq_length=args.max_position_embeddings,
@@ -59,8 +63,12 @@ def _model_args(args, vocab_size: int):
 
 
 def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron pads the vocabulary to a multiple of 128 x TP."""
-    multiple = divisible_by * tp
+    """Pad the vocabulary to a multiple of lcm(divisible_by, TP).
+
+    Megatron-LM pads to divisible_by x TP, which gives a TP2 checkpoint a different embedding
+    shape than a TP1 model. With the lcm the padded size is the same for every TP that divides
+    `divisible_by`, so checkpoints move between tensor-parallel sizes."""
+    multiple = math.lcm(divisible_by, tp)
     return int(math.ceil(vocab / multiple) * multiple)
 
 
@@ -207,7 +215,8 @@ def _run(args, handler) -> Dict:
 
         tokenizer = load_tokenizer(args.tokenizer_model)
     vocab = tokenizer.vocab_size if tokenizer is not None else args.vocab_size
-    padded_vocab = padded_vocab_size(vocab, args.tensor_model_parallel_size)
+    padded_vocab = padded_vocab_size(vocab, args.tensor_model_parallel_size,
+                                     args.make_vocab_size_divisible_by)
 
     chunks = build_gpt_moe(_model_args(args, padded_vocab))
     if args.init_from_identity:
