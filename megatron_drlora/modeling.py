@@ -38,6 +38,13 @@ class MoEModelArgs:
     moe_router_pre_softmax: bool = False
     moe_router_score_function: str = "softmax"
     qk_layernorm: bool = False
+    # "head": Megatron's per-head q/k norm (Qwen3-MoE); "projection": one norm over the whole
+    # q/k projection (OLMoE), see projection_qk_norm.py.
+    qk_layernorm_scope: str = "head"
+    add_qkv_bias: bool = False
+    kv_channels: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
     swiglu: bool = True
     normalization: str = "RMSNorm"
     position_embedding_type: str = "rope"
@@ -85,6 +92,10 @@ def transformer_config(args: MoEModelArgs):
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_score_function=args.moe_router_score_function,
         qk_layernorm=args.qk_layernorm,
+        add_qkv_bias=args.add_qkv_bias,
+        kv_channels=args.kv_channels,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
         gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
         normalization=args.normalization,
@@ -129,10 +140,18 @@ def layer_spec(config, args: MoEModelArgs, vp_stage: Optional[int] = None):
 
     use_te = have_transformer_engine() and torch.cuda.is_available()
     try:
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                           normalization=args.normalization, vp_stage=vp_stage)
     except TypeError:  # older signature without vp_stage
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    if args.qk_layernorm and args.qk_layernorm_scope == "projection":
+        from megatron_drlora.projection_qk_norm import use_projection_qk_norm
+
+        spec = use_projection_qk_norm(spec)
+    elif args.qk_layernorm_scope not in ("head", "projection"):
+        raise ValueError(f"qk_layernorm_scope must be 'head' or 'projection', "
+                         f"got {args.qk_layernorm_scope!r}")
+    return spec
 
 
 def build_gpt_moe(args: MoEModelArgs, config=None) -> List[torch.nn.Module]:
