@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     run([py, "tools/plot_ranks.py", os.path.join(ft_dir, "drlora_ranks.jsonl")])
     summary = json.load(open(os.path.join(ft_dir, "run_summary.json")))
     base = json.load(open(os.path.join(base_dir, "run_summary.json")))
+    print(f"\nbase model validation loss (all domains): {base['final_valid_loss']:.4f}")
     print("\n" + "=" * 78)
     print(f"DR-LoRA demo finished in {time.time() - start:.0f} s ({args.nproc} processes, CPU)")
     print(f"  base model ({args.base_iters} iterations, all domains): {base_dir}")

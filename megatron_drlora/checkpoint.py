@@ -100,7 +100,6 @@ def trainable_sharded_state_dict(chunks, handle) -> Dict:
 def save_checkpoint(root: str, iteration: int, chunks, handle=None, optimizer=None,
                     extra: Optional[Dict] = None) -> str:
     """Write iteration's checkpoint atomically; returns its directory."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(root, iteration)

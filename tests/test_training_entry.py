@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port
-from tests.dist_harness import REPO, run_torchrun
+from tests.dist_harness import REPO
 from tests.train_flags import DRLORA, TINY_MODEL
 
 pytestmark = pytest.mark.slow
