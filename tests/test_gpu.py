@@ -1,0 +1,81 @@
+"""Tests that need a CUDA GPU (and Transformer Engine for grouped experts). Skipped on CPU;
+they run on a GPU machine with `python -m pytest tests/test_gpu.py`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_drlora import DRLoRAConfig
+from megatron_drlora.compat.megatron import have_transformer_engine
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def megatron_gpu():
+    from tests.conftest import free_port
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    from megatron_drlora.parallel_setup import ParallelSizes, initialize_megatron_parallel
+
+    initialize_megatron_parallel(ParallelSizes(), seed=1234)
+    yield
+
+
+def _experts_reference(w1s, w2s, bank, x, counts, probs):
+    outs = []
+    for e, (xe, pe) in enumerate(zip(torch.split(x, counts), torch.split(probs, counts))):
+        w1, w2 = w1s[e].double().clone(), w2s[e].double().clone()
+        half = w1.shape[0] // 2
+        for name in bank.projection_names:
+            r = bank.rank(e, name)
+            d = bank.scale * bank.factor(name, "B")[e, :, :r].double() @ \
+                bank.factor(name, "A")[e, :r].double()
+            if name == "up":
+                w1[half:] += d
+            else:
+                w2 += d
+        h = xe.double() @ w1.T
+        outs.append((F.silu(h[:, :half]) * h[:, half:] * pe.double()[:, None]) @ w2.T)
+    return torch.cat(outs)
+
+
+@pytest.mark.te
+@pytest.mark.skipif(not have_transformer_engine(), reason="needs Transformer Engine")
+def test_te_grouped_experts_match_dense_reference(megatron_gpu):
+    from tests.tiny import build, grown_rank_map, randomize_adapters, tiny_args
+
+    args = tiny_args(moe_grouped_gemm=True)
+    chunks, handle = build(args, DRLoRAConfig(budget=8))
+    chunks[0].cuda()
+    layer = handle.layers[0]
+    assert layer.kind == "te_grouped"
+    randomize_adapters(handle)
+    handle.set_rank_map(grown_rank_map(handle))
+    fc1, fc2 = layer.experts.linear_fc1, layer.experts.linear_fc2
+    w1s = [getattr(fc1, f"weight{e}") for e in range(4)]
+    w2s = [getattr(fc2, f"weight{e}") for e in range(4)]
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, args.hidden_size, device="cuda")
+    probs = torch.rand(10, device="cuda")
+    with torch.no_grad():
+        out, _ = layer.experts(x, counts.cuda(), probs)
+    ref = _experts_reference(w1s, w2s, layer.bank, x, counts.tolist(), probs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_sequential_experts_train_on_gpu(megatron_gpu):
+    from tests.tiny import batch, build, tiny_args
+
+    args = tiny_args(bf16=True)
+    chunks, handle = build(args, DRLoRAConfig(budget=8))
+    model = chunks[0].cuda()
+    tokens, pos, labels = (t.cuda() for t in batch(args))
+    loss = model(tokens, pos, None, labels=labels).float().mean()
+    loss.backward()
+    grads = [p.grad for p in handle.lora_parameters()]
+    assert all(g is not None and g.dtype == torch.bfloat16 for g in grads)
+    assert any(torch.count_nonzero(g) for g in grads)
