@@ -53,8 +53,6 @@ class DRLoRAConfig:
                           "runs bitwise reproducible across parallel layouts).")
     targets: Tuple[str, ...] = _opt(("up", "down"), "Expert projections that get adapters: any "
                                     "of gate, up, down.", choices=PROJECTIONS)
-    shared_experts: bool = _opt(False, "Also adapt shared experts (fixed rank = budget, "
-                                "no growth).")
     beta: float = _opt(0.9, "EMA factor of routing frequency and rank importance (Eq. 5, 7).")
     gamma: float = _opt(1.2, "Rank penalty exponent of the saliency (Eq. 9); 0 disables the "
                         "penalty.")
@@ -227,15 +225,6 @@ def _cli(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _parse_bool(text: str) -> bool:
-    v = text.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def add_drlora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one `--drlora-<name>` flag per config field, plus `--drlora-config FILE.yaml`.
 
@@ -252,8 +241,6 @@ def add_drlora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kw["metavar"] = "PROJ[,PROJ]"
         elif f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
-        elif f.name == "shared_experts":
-            kw.update(nargs="?", const=True, type=_parse_bool)
         elif f.name in ("alpha", "dropout", "beta", "gamma", "p_grow"):
             kw["type"] = float
         else:
