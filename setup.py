@@ -24,6 +24,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
-        "hf": ["transformers>=4.57", "peft>=0.20", "safetensors>=0.4"],
+        # HF interop (megatron_drlora/hf, tools/convert_hf_to_megatron.py, tools/export_to_hf.py):
+        # the pair the tests verify; peft's fused-expert (target_parameters) layout needs
+        # peft 0.20-0.21 with transformers 5.5-5.24 (shared/design/lessons.md).
+        "hf": ["transformers==5.24.0", "peft>=0.21,<0.22", "safetensors>=0.4"],
     },
 )

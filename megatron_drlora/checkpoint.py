@@ -31,6 +31,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model; says which and why."""
 
 
+def _load_failures() -> tuple:
+    """What a failed dist_checkpointing load raises: torch's CheckpointException derives from
+    BaseException, not Exception, so it is listed explicitly."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -172,7 +182,7 @@ def load_checkpoint(root: str, chunks, handle=None, optimizer=None, load_optimiz
             f"; a base for fine-tuning goes to --pretrained-checkpoint)")
     try:
         loaded = dist_checkpointing.load(request, path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint named
+    except _load_failures() as e:  # re-raised with the checkpoint named
         raise CheckpointError(f"--load {path}: could not load ({type(e).__name__}: {e}); "
                               f"was it saved for this model and these DR-LoRA settings?") from e
     _assign(model_sd, loaded["model"])
@@ -215,7 +225,7 @@ def load_base_checkpoint(path: str, chunks) -> None:
     request = {"model": model_sd} if "model" in _saved_top_keys(path) else model_sd
     try:
         loaded = dist_checkpointing.load(request, path)
-    except Exception as e:  # noqa: BLE001
+    except _load_failures() as e:
         raise CheckpointError(f"--pretrained-checkpoint {path}: does not fit this model "
                               f"({type(e).__name__}: {e}); check the model flags (layers, "
                               f"hidden size, experts) against the base") from e

@@ -9,7 +9,14 @@ export OMP_NUM_THREADS=1
 python3 -m venv .venv
 . .venv/bin/activate
 # torch is pinned to the CPU build 2.13.0 so pip never pulls a CUDA wheel on a CPU box.
-pip install -q "torch==2.13.0" -e ".[dev]"
+pip install -q "torch==2.13.0" -e ".[dev,hf]"
+# transformers 4 (per-expert modules) beside the venv's transformers 5 (fused experts), only
+# for the test that loads the per-expert PEFT export.
+if [ ! -d .hf4 ]; then
+  pip install -q --target .hf4 "transformers==4.57.6" "tokenizers==0.22.*" "huggingface-hub<1" \
+      requests
+fi
+export DRLORA_TRANSFORMERS4_PATH="$PWD/.hf4"
 python -m pytest -q "$@"
 deactivate
 

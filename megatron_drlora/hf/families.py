@@ -1,0 +1,300 @@
+"""Supported Hugging Face MoE families: what their configs mean for Megatron-Core, what is
+refused, and their tensor names.
+
+`describe(config)` reads a transformers config into a `ModelDescription` (one place for every
+dimension and feature the conversion depends on) and refuses, naming the config key, anything the
+Megatron model built by `megatron_drlora.modeling` cannot reproduce exactly: sliding-window
+attention, RoPE scaling, partial rotary embeddings, dense layers between MoE layers, q/k/v
+clipping, output-projection biases, activations other than SiLU.
+
+Router semantics. HF routers take a softmax over all experts, then the top-k. Mixtral always
+renormalises the top-k probabilities (and Qwen3-MoE by default, `norm_topk_prob`): the same as
+Megatron's default (top-k of the logits, softmax over those k). Qwen2-MoE and OLMoE use the raw
+top-k probabilities (`norm_topk_prob: false`): Megatron's `--moe-router-pre-softmax`.
+
+Tensor names (`HFNames`). On disk (what `save_pretrained` writes, transformers 4 and 5 alike) each
+expert has its own tensors: `model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`, for
+Mixtral `model.layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight` (w1 = gate, w3 = up,
+w2 = down). transformers 5 fuses them in memory into `mlp.experts.gate_up_proj` [E, 2I, H]
+(gate rows first) and `mlp.experts.down_proj` [E, H, I]; checkpoints in that fused style are read
+too and an export keeps the style of its base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from megatron_drlora.hf.common import HFInteropError
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+
+
+@dataclass
+class ModelDescription:
+    """Everything about an HF MoE model that the Megatron model and the tensor mapping need."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    num_experts: int
+    topk: int
+    moe_ffn_hidden_size: int
+    ffn_hidden_size: int
+    norm_topk_prob: bool
+    norm_epsilon: float
+    rope_theta: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: str = "none"              # none / head (Qwen3-MoE) / projection (OLMoE)
+    shared_expert_ffn: Optional[int] = None
+    shared_expert_gate: bool = False
+
+    @property
+    def router_pre_softmax(self) -> bool:
+        return not self.norm_topk_prob
+
+    def model_kwargs(self, padded_vocab: int) -> Dict:
+        """MoEModelArgs fields (without the parallel layout)."""
+        default_head = self.hidden_size // self.num_attention_heads
+        return dict(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups, num_experts=self.num_experts,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size, moe_router_topk=self.topk,
+            moe_router_pre_softmax=self.router_pre_softmax,
+            qk_layernorm=self.qk_norm != "none",
+            qk_layernorm_scope="projection" if self.qk_norm == "projection" else "head",
+            add_qkv_bias=self.qkv_bias,
+            kv_channels=None if self.head_dim == default_head else self.head_dim,
+            moe_shared_expert_intermediate_size=self.shared_expert_ffn,
+            moe_shared_expert_gate=self.shared_expert_gate,
+            swiglu=True, normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon,
+            position_embedding_type="rope", rotary_base=self.rope_theta,
+            vocab_size=padded_vocab, seq_length=self.max_position_embeddings,
+            untie_embeddings_and_output_weights=not self.tie_word_embeddings)
+
+    def flags(self) -> List[str]:
+        """The examples/pretrain_gpt.py model flags, one flag (with its value) per entry."""
+        f = [f"--num-layers {self.num_layers}", f"--hidden-size {self.hidden_size}",
+             f"--num-attention-heads {self.num_attention_heads}"]
+        if self.num_query_groups != self.num_attention_heads:
+            f += ["--group-query-attention", f"--num-query-groups {self.num_query_groups}"]
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            f.append(f"--kv-channels {self.head_dim}")
+        if self.qkv_bias:
+            f.append("--add-qkv-bias")
+        if self.qk_norm != "none":
+            f.append("--qk-layernorm")
+            if self.qk_norm == "projection":
+                f.append("--qk-layernorm-scope projection")
+        f += [f"--ffn-hidden-size {self.ffn_hidden_size}", f"--num-experts {self.num_experts}",
+              f"--moe-router-topk {self.topk}", f"--moe-ffn-hidden-size {self.moe_ffn_hidden_size}"]
+        if self.router_pre_softmax:
+            f.append("--moe-router-pre-softmax")
+        if self.shared_expert_ffn:
+            f.append(f"--moe-shared-expert-intermediate-size {self.shared_expert_ffn}")
+            if self.shared_expert_gate:
+                f.append("--moe-shared-expert-gate")
+        f += ["--swiglu", "--normalization RMSNorm", f"--norm-epsilon {self.norm_epsilon!r}",
+              "--position-embedding-type rope", f"--rotary-base {self.rope_theta}",
+              f"--max-position-embeddings {self.max_position_embeddings}",
+              "--disable-bias-linear", f"--vocab-size {self.vocab_size}"]
+        if not self.tie_word_embeddings:
+            f.append("--untie-embeddings-and-output-weights")
+        return f
+
+
+def family_of(config_dict: Dict, path: str = "") -> str:
+    """The family name of a config.json dict; unknown families are refused by name."""
+    model_type = config_dict.get("model_type")
+    if model_type in FAMILIES:
+        return model_type
+    archs = config_dict.get("architectures") or []
+    supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+    raise HFInteropError(f"{path}/config.json: unsupported model family model_type={model_type!r} "
+                         f"architectures={archs}; supported: {supported}")
+
+
+def describe(config, path: str = "") -> ModelDescription:
+    """Read and check a transformers config; see the module docstring."""
+    family = family_of(config.to_dict() if hasattr(config, "to_dict") else dict(config), path)
+    where = f"{path}/config.json" if path else "config.json"
+
+    def get(name, default=None):
+        return getattr(config, name, default)
+
+    def refuse(key, value, why):
+        raise HFInteropError(f"{where}: {key}={value!r} is not supported ({why}); "
+                             f"family {family}")
+
+    if get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", get("hidden_act"), "the experts must be SwiGLU (silu)")
+    _check_rope(get, refuse)
+    _check_attention_window(family, get, refuse)
+    num_layers = int(get("num_hidden_layers"))
+    if family in ("qwen2_moe", "qwen3_moe"):
+        if list(get("mlp_only_layers", []) or []):
+            refuse("mlp_only_layers", get("mlp_only_layers"),
+                   "dense MLP layers between MoE layers")
+        if int(get("decoder_sparse_step", 1) or 1) != 1:
+            refuse("decoder_sparse_step", get("decoder_sparse_step"),
+                   "only every layer being an MoE layer is supported")
+    if family == "olmoe" and get("clip_qkv") is not None:
+        refuse("clip_qkv", get("clip_qkv"), "q/k/v clipping")
+    if family in ("qwen3_moe", "olmoe") and get("attention_bias", False):
+        refuse("attention_bias", True, "biases on the attention output projection")
+
+    heads = int(get("num_attention_heads"))
+    hidden = int(get("hidden_size"))
+    groups = int(get("num_key_value_heads") or heads)
+    head_dim = int(get("head_dim", None) or hidden // heads)
+    if family == "olmoe" and head_dim * heads != hidden:
+        refuse("head_dim", head_dim, "OLMoE's q/k norm sizes assume hidden_size / heads")
+    if family == "mixtral":
+        experts, moe_ffn = int(get("num_local_experts")), int(get("intermediate_size"))
+        dense_ffn = moe_ffn
+        norm_topk = True
+    elif family == "olmoe":
+        experts, moe_ffn = int(get("num_experts")), int(get("intermediate_size"))
+        dense_ffn = moe_ffn
+        norm_topk = bool(get("norm_topk_prob", False))
+    else:
+        experts = int(get("num_experts", None) or get("num_local_experts"))
+        moe_ffn = int(get("moe_intermediate_size"))
+        dense_ffn = int(get("intermediate_size", moe_ffn) or moe_ffn)
+        norm_topk = bool(get("norm_topk_prob", False))
+    shared_ffn = None
+    if family == "qwen2_moe":
+        shared_ffn = int(get("shared_expert_intermediate_size", 0) or 0) or None
+        if shared_ffn is None:
+            refuse("shared_expert_intermediate_size", 0, "Qwen2-MoE without a shared expert")
+    params = get("rope_parameters", None) or {}
+    theta = params.get("rope_theta", get("rope_theta", 10000.0))
+    if float(theta) != int(float(theta)):
+        refuse("rope_theta", theta, "--rotary-base takes an integer")
+    return ModelDescription(
+        family=family, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=groups, head_dim=head_dim, vocab_size=int(get("vocab_size")),
+        num_experts=experts, topk=int(get("num_experts_per_tok")), moe_ffn_hidden_size=moe_ffn,
+        ffn_hidden_size=dense_ffn, norm_topk_prob=norm_topk,
+        norm_epsilon=float(get("rms_norm_eps", 1e-6)), rope_theta=int(float(theta)),
+        max_position_embeddings=int(get("max_position_embeddings")),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        qkv_bias=bool(get("qkv_bias", True)) if family == "qwen2_moe" else False,
+        qk_norm={"qwen3_moe": "head", "olmoe": "projection"}.get(family, "none"),
+        shared_expert_ffn=shared_ffn, shared_expert_gate=family == "qwen2_moe")
+
+
+def _check_rope(get, refuse) -> None:
+    params = get("rope_parameters", None) or {}
+    scaling = get("rope_scaling", None) or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        refuse("rope_parameters", params, "per-layer-type RoPE parameters")
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") \
+        or "default"
+    if rope_type != "default":
+        refuse("rope_parameters.rope_type", rope_type, "only plain RoPE is converted; scaled "
+               "RoPE (linear, dynamic, yarn, llama3, ...) is not implemented in this Megatron "
+               "model")
+    partial = params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        refuse("partial_rotary_factor", partial, "partial rotary embeddings")
+
+
+def _check_attention_window(family, get, refuse) -> None:
+    if family == "mixtral":
+        if get("sliding_window") is not None:
+            refuse("sliding_window", get("sliding_window"), "sliding-window attention")
+        return
+    if get("use_sliding_window", False):
+        refuse("use_sliding_window", True, "sliding-window attention")
+    types = get("layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        refuse("layer_types", sorted(set(types)), "sliding-window attention layers")
+    if family == "olmoe" and get("sliding_window") is not None:
+        refuse("sliding_window", get("sliding_window"), "sliding-window attention")
+
+
+class HFNames:
+    """HF tensor names of one model in one storage style ('per_expert' or 'fused')."""
+
+    def __init__(self, desc: ModelDescription, style: str = "per_expert"):
+        if style not in ("per_expert", "fused"):
+            raise ValueError(f"unknown HF naming style {style!r}")
+        self.desc = desc
+        self.style = style
+        mixtral = desc.family == "mixtral"
+        self.block = "block_sparse_moe" if mixtral and style == "per_expert" else "mlp"
+        self.proj = ({"gate": "w1", "up": "w3", "down": "w2"} if mixtral else
+                     {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+
+    embed = "model.embed_tokens.weight"
+    lm_head = "lm_head.weight"
+    final_norm = "model.norm.weight"
+
+    @staticmethod
+    def layer(layer: int, suffix: str) -> str:
+        return f"model.layers.{layer}.{suffix}"
+
+    def attn(self, layer: int, which: str, kind: str = "weight") -> str:
+        return self.layer(layer, f"self_attn.{which}.{kind}")
+
+    def router(self, layer: int) -> str:
+        return self.layer(layer, f"{self.block}.gate.weight")
+
+    def expert(self, layer: int, expert: int, proj: str) -> str:
+        return self.layer(layer, f"{self.block}.experts.{expert}.{self.proj[proj]}.weight")
+
+    def fused(self, layer: int, which: str) -> str:
+        return self.layer(layer, f"mlp.experts.{which}")  # gate_up_proj / down_proj
+
+    def shared(self, layer: int, proj: str) -> str:
+        return self.layer(layer, f"mlp.shared_expert.{proj}_proj.weight")
+
+    def shared_gate(self, layer: int) -> str:
+        return self.layer(layer, "mlp.shared_expert_gate.weight")
+
+    def layer_names(self, layer: int) -> List[str]:
+        """Every HF tensor name of one decoder layer."""
+        d = self.desc
+        names = [self.layer(layer, "input_layernorm.weight"),
+                 self.layer(layer, "post_attention_layernorm.weight")]
+        names += [self.attn(layer, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if d.qkv_bias:
+            names += [self.attn(layer, p, "bias") for p in ("q_proj", "k_proj", "v_proj")]
+        if d.qk_norm != "none":
+            names += [self.attn(layer, "q_norm"), self.attn(layer, "k_norm")]
+        names.append(self.router(layer))
+        if self.style == "fused":
+            names += [self.fused(layer, "gate_up_proj"), self.fused(layer, "down_proj")]
+        else:
+            names += [self.expert(layer, e, p) for e in range(d.num_experts)
+                      for p in ("gate", "up", "down")]
+        if d.shared_expert_ffn:
+            names += [self.shared(layer, p) for p in ("gate", "up", "down")]
+            if d.shared_expert_gate:
+                names.append(self.shared_gate(layer))
+        return names
+
+    def all_names(self) -> List[str]:
+        names = [self.embed, self.final_norm]
+        if not self.desc.tie_word_embeddings:
+            names.append(self.lm_head)
+        for layer in range(self.desc.num_layers):
+            names += self.layer_names(layer)
+        return names
+
+
+def detect_style(names, desc: ModelDescription) -> str:
+    """'fused' when the checkpoint stores transformers-5 fused expert tensors, else
+    'per_expert'."""
+    fused = HFNames(desc, "fused").fused(0, "gate_up_proj")
+    return "fused" if fused in set(names) else "per_expert"
