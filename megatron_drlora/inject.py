@@ -267,7 +267,7 @@ def _verify_every_expert_adapted(handle: DRLoRAModel) -> None:
             raise DRLoRAInjectionError(f"layer {layer.layer}: {len(bank.global_expert_ids)} "
                                        f"adapters for {num_local} local experts")
         linears = {bank.specs[n].linear for n in bank.projection_names}
-        expected = (num_local * len(linears) if layer.kind == "sequential"
+        expected = (num_local * len(linears) + 1 if layer.kind == "sequential"
                     else len(linears) if layer.kind == "te_grouped" else 1)
         if len(layer.handles) != expected:
             raise DRLoRAInjectionError(f"layer {layer.layer}: installed {len(layer.handles)} "

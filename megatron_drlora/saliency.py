@@ -33,7 +33,10 @@ def rank_sensitivity_l1(grad: torch.Tensor, weight: torch.Tensor, rank_dim: int)
     rank_dim = rank_dim % grad.dim()
     if rank_dim == 0:
         raise ValueError("rank_sensitivity_l1: dim 0 is the expert dim; rank_dim must be another")
-    prod = (grad.detach().to(torch.float64) * weight.detach().to(torch.float64)).abs()
+    # One float64 copy, multiplied and abs'ed in place (weight promoted inside the kernel):
+    # the same exact float64 products as two casts, with half the memory traffic.
+    prod = grad.detach().to(torch.float64, copy=True)
+    prod.mul_(weight.detach()).abs_()
     other = [d for d in range(1, grad.dim()) if d != rank_dim]
     return prod.sum(dim=other) if other else prod
 

@@ -77,6 +77,11 @@ def local_sensitivity(handle, contributes_a, contributes_b,
         bank = layer.bank
         ids = torch.tensor(bank.global_expert_ids)
         for j, name in enumerate(bank.projection_names):
+            # Slots past the largest active rank have exactly zero gradient (prefix compute):
+            # skip them, their l1 is 0.
+            r_hi = max(bank.ranks_of(name), default=0)
+            if r_hi == 0:
+                continue
             for which, rank_dim, out, gate in (("A", 1, l1_a, contributes_a),
                                                ("B", 2, l1_b, contributes_b)):
                 if not gate(bank, name):
@@ -85,8 +90,9 @@ def local_sensitivity(handle, contributes_a, contributes_b,
                 grad = reduced_grad(param)
                 if grad is None:
                     continue
-                grad = grad.view_as(param)
+                grad = grad.view_as(param).narrow(rank_dim, 0, r_hi)
                 if param in grad_masks:
-                    grad = grad * grad_masks[param]
-                out[layer.moe_index, ids, j] = rank_sensitivity_l1(grad, param, rank_dim).cpu()
+                    grad = grad * grad_masks[param].narrow(rank_dim, 0, r_hi)
+                out[layer.moe_index, ids, j, :r_hi] = rank_sensitivity_l1(
+                    grad, param.narrow(rank_dim, 0, r_hi), rank_dim).cpu()
     return l1_a, l1_b

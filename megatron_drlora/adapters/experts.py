@@ -49,10 +49,46 @@ def _apply_deltas(bank: ExpertLoRABank, linear: str, x: torch.Tensor, out: torch
     return out
 
 
+class _ExpertFactorViews:
+    """Per-expert views of the packed factors, made once per experts forward by `unbind`.
+
+    Indexing the packed [E, ...] parameter once per expert (`A[local]`) costs a full-size zero
+    gradient per expert in backward (select's backward), i.e. O(E^2) work per layer; one
+    unbind per forward has a single backward that stacks the experts' gradients. A forward
+    pre-hook on the experts module makes the views (again under activation recompute), a
+    forward hook drops them; outside an experts forward the hooks index the parameter."""
+
+    def __init__(self, bank: ExpertLoRABank):
+        self.bank = bank
+        self.views = {}
+
+    def make(self, module, args) -> None:
+        self.views = {(n, w): self.bank.factor(n, w).unbind(0)
+                      for n in self.bank.projection_names for w in ("A", "B")}
+
+    def drop(self, module, args, output) -> None:
+        self.views = {}
+
+    def get(self, name: str, which: str, local: int) -> torch.Tensor:
+        views = self.views.get((name, which))
+        return views[local] if views is not None else self.bank.factor(name, which)[local]
+
+
+class _HookPair:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
-    """Hooks on every local expert's linear_fc1 / linear_fc2 of a SequentialMLP."""
+    """Hooks on every local expert's linear_fc1 / linear_fc2 of a SequentialMLP, plus one
+    pair on the experts module that splits the packed factors per forward (last handle)."""
     handles = []
     preparers = {n: _factor_preparers(bank, n, etp_group) for n in bank.projection_names}
+    factors = _ExpertFactorViews(bank)
 
     def make_hook(local: int, linear: str):
         def hook(module, args, output):
@@ -61,8 +97,8 @@ def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
 
             def compute(name):
                 prep_a, prep_b = preparers[name]
-                return lora_delta(x, prep_a(bank.factor(name, "A")[local]),
-                                  prep_b(bank.factor(name, "B")[local]),
+                return lora_delta(x, prep_a(factors.get(name, "A", local)),
+                                  prep_b(factors.get(name, "B", local)),
                                   bank.rank(local, name), bank.scale, bank.dropout,
                                   bank.training)
 
@@ -75,6 +111,8 @@ def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
             if _projections_on(bank, linear):
                 module = getattr(expert, f"linear_{linear}")
                 handles.append(module.register_forward_hook(make_hook(local, linear)))
+    handles.append(_HookPair(experts.register_forward_pre_hook(factors.make),
+                             experts.register_forward_hook(factors.drop)))
     return handles
 
 

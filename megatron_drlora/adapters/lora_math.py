@@ -66,8 +66,9 @@ def grouped_lora_delta(
         raise ValueError(f"grouped_lora_delta: tokens_per_expert sums to {sum(counts)}, "
                          f"input has {x.shape[0]} tokens")
     pieces = []
-    for e, (chunk, rank) in enumerate(zip(torch.split(x, counts), ranks)):
-        pieces.append(lora_delta(chunk, prepare_a(a[e]), prepare_b(b[e]), int(rank), scale,
+    # unbind, not a[e]: one backward for all experts instead of a full-size zero gradient each
+    for chunk, rank, a_e, b_e in zip(torch.split(x, counts), ranks, a.unbind(0), b.unbind(0)):
+        pieces.append(lora_delta(chunk, prepare_a(a_e), prepare_b(b_e), int(rank), scale,
                                  dropout, training))
     if not pieces:
         return x.new_zeros((0, b.shape[1]))
