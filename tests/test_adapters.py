@@ -117,7 +117,8 @@ def _grouped_bank(targets=("up", "down"), num=3, hidden=8, ffn=6, r_max=6):
     return bank
 
 
-def _grouped_reference(fc1_w, fc2_w, bank, x, counts, probs):
+def grouped_reference(fc1_w, fc2_w, bank, x, counts, probs):
+    """Per-expert dense computation with merged weights (fc1 [2F, H] = [gate; up])."""
     outs = []
     for e, (xe, pe) in enumerate(zip(torch.split(x, counts), torch.split(probs, counts))):
         w1, w2 = fc1_w[e].double().clone(), fc2_w[e].double().clone()
@@ -150,7 +151,7 @@ def test_grouped_linear_hooks_match_dense_reference():
     half = h.shape[-1] // 2
     act = F.silu(h[:, :half]) * h[:, half:] * probs[:, None]
     out, _ = experts.linear_fc2(act, counts)
-    ref = _grouped_reference(experts.linear_fc1.weight, experts.linear_fc2.weight, bank, x,
+    ref = grouped_reference(experts.linear_fc1.weight, experts.linear_fc2.weight, bank, x,
                              counts, probs)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
@@ -192,7 +193,7 @@ def test_legacy_grouped_mlp_matches_dense_reference(monkeypatch):
         out, _ = grouped(x, counts, probs)
     w1 = grouped.weight1.view(4, args.hidden_size, -1).transpose(1, 2)
     w2 = grouped.weight2.view(4, -1, args.hidden_size).transpose(1, 2)
-    ref = _grouped_reference(w1, w2, bank, x, counts.tolist(), probs)
+    ref = grouped_reference(w1, w2, bank, x, counts.tolist(), probs)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 

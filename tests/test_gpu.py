@@ -3,10 +3,10 @@ they run on a GPU machine with `python -m pytest tests/test_gpu.py`."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_drlora import DRLoRAConfig
 from megatron_drlora.compat.megatron import have_transformer_engine
+from tests.test_adapters import grouped_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -23,24 +23,6 @@ def megatron_gpu():
 
     initialize_megatron_parallel(ParallelSizes(), seed=1234)
     yield
-
-
-def _experts_reference(w1s, w2s, bank, x, counts, probs):
-    outs = []
-    for e, (xe, pe) in enumerate(zip(torch.split(x, counts), torch.split(probs, counts))):
-        w1, w2 = w1s[e].double().clone(), w2s[e].double().clone()
-        half = w1.shape[0] // 2
-        for name in bank.projection_names:
-            r = bank.rank(e, name)
-            d = bank.scale * bank.factor(name, "B")[e, :, :r].double() @ \
-                bank.factor(name, "A")[e, :r].double()
-            if name == "up":
-                w1[half:] += d
-            else:
-                w2 += d
-        h = xe.double() @ w1.T
-        outs.append((F.silu(h[:, :half]) * h[:, half:] * pe.double()[:, None]) @ w2.T)
-    return torch.cat(outs)
 
 
 @pytest.mark.te
@@ -63,7 +45,7 @@ def test_te_grouped_experts_match_dense_reference(megatron_gpu):
     probs = torch.rand(10, device="cuda")
     with torch.no_grad():
         out, _ = layer.experts(x, counts.cuda(), probs)
-    ref = _experts_reference(w1s, w2s, layer.bank, x, counts.tolist(), probs)
+    ref = grouped_reference(w1s, w2s, layer.bank, x, counts.tolist(), probs)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
