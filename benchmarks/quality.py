@@ -47,7 +47,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 VARIANTS = {
-    # name: (label, extra flags; None = budget r_target with the DR-LoRA schedule)
+    # name: label (the flags of each variant are in finetune_flags)
     "uniform_r_target": "LoRA, uniform r_target",
     "uniform_r_max": "LoRA, uniform r_max (2x budget)",
     "drlora": "DR-LoRA (full saliency)",

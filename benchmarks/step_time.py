@@ -28,7 +28,8 @@ drift on a shared machine cancels in the per-repetition ratios:
 Also measured: the saliency update as a share of a step, the extra cost of one growth event,
 a whole-run estimate (step time interpolated along GrowthSchedule.planned_total_active over a
 paper-like schedule, plus the events) and, in fresh subprocesses (one per variant), peak memory
-(CPU: ru_maxrss increase over the process after start-up; CUDA: torch.cuda.max_memory_allocated).
+(CPU: parameter bytes + the peak RSS increase while training, VmHWM reset after the build;
+CUDA: torch.cuda.max_memory_allocated while training).
 LoRA FLOPs per token are analytic: 2 * r * (k + d) per adapted module per routed token, times
 top-k, forward only, with r the mean active rank (uniform routing).
 """
@@ -178,8 +179,6 @@ def _optimizer(params, device):
 
 def build_variant(name: str, s: Dict, args, base=None):
     """Build one variant; returns (Variant, base model)."""
-    import torch
-
     from megatron_drlora.controller import DRLoRAController
     from megatron_drlora.inject import apply_drlora
     from megatron_drlora.modeling import build_gpt_moe, transformer_config
@@ -209,8 +208,22 @@ def build_variant(name: str, s: Dict, args, base=None):
     else:
         handle = apply_drlora(chunks, drlora_config(s, "drlora"), log=lambda _: None)
         controller = DRLoRAController(handle, args.train_iters, args.warmup_iters)
+    _trained_like_b(handle, args.seed)
     opt = _optimizer((p for p in model.parameters() if p.requires_grad), device)
     return Variant(name, chunks, handle, controller, opt), base
+
+
+def _trained_like_b(handle, seed: int, std: float = 1e-3) -> None:
+    """B = 0 (the init) makes every A gradient ~0, and AdamW then crawls through denormal
+    floats on CPU; a trained-looking small random B gives realistic gradients and timings."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in handle.layers:
+            for name in layer.bank.projection_names:
+                b = layer.bank.factor(name, "B")
+                b.copy_((torch.randn(b.shape, generator=g) * std).to(b.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,21 +304,26 @@ def make_batch(s: Dict, device, seed: int):
     return tokens.to(device), position_ids.to(device), labels.to(device)
 
 
-def run_step(v: Variant, batch, step_arg: int, device) -> float:
-    """One optimizer step; returns the seconds spent in controller.after_gradients."""
+def run_step(v: Variant, batch, step_arg: int, device, micro_batches: int = 1) -> Dict:
+    """One optimizer step (zero grads, forward+backward of every micro-batch, DR-LoRA's
+    after_gradients, AdamW); returns the seconds of its phases."""
     tokens, pos, labels = batch
+    _sync(device)
+    t0 = time.perf_counter()
     v.optimizer.zero_grad(set_to_none=True)
-    loss = v.model(tokens, pos, None, labels=labels).float().mean()
-    loss.backward()
-    spent = 0.0
+    for _ in range(micro_batches):
+        loss = v.model(tokens, pos, None, labels=labels).float().mean() / micro_batches
+        loss.backward()
+    _sync(device)
+    t1 = time.perf_counter()
     if v.controller is not None:
-        _sync(device)
-        t = time.perf_counter()
         v.controller.after_gradients(step_arg)
         _sync(device)
-        spent = time.perf_counter() - t
+    t2 = time.perf_counter()
     v.optimizer.step()
-    return spent
+    _sync(device)
+    t3 = time.perf_counter()
+    return {"fwd_bwd": t1 - t0, "saliency": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
 
 
 def set_map(v: Variant, rank_map) -> None:
@@ -313,16 +331,16 @@ def set_map(v: Variant, rank_map) -> None:
     v.handle.set_rank_map(rank_map)
 
 
-def time_variant(v: Variant, rank_map, batch, steps: int, step_arg: int, device):
+def time_variant(v: Variant, rank_map, batch, steps: int, step_arg: int, device,
+                 micro_batches: int = 1) -> Dict:
+    """Mean phase seconds per step over `steps` steps."""
     if rank_map is not None:
         set_map(v, rank_map)
-    _sync(device)
-    start = time.perf_counter()
-    saliency = 0.0
+    total: Dict[str, float] = {}
     for _ in range(steps):
-        saliency += run_step(v, batch, step_arg, device)
-    _sync(device)
-    return (time.perf_counter() - start) / steps, saliency / steps
+        for key, sec in run_step(v, batch, step_arg, device, micro_batches).items():
+            total[key] = total.get(key, 0.0) + sec
+    return {k: x / steps for k, x in total.items()}
 
 
 def median(values: List[float]) -> float:
@@ -366,7 +384,27 @@ def whole_run_ratio(points, schedule, event_extra_ratio: float) -> Dict:
 # memory (fresh subprocess per variant)
 # --------------------------------------------------------------------------------------------
 def _maxrss_mb() -> float:
+    """Peak RSS: VmHWM (reset by clear_refs; getrusage also keeps the peak of exited threads,
+    which clear_refs does not reset), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _maxrss_mb()
 
 
 def _reset_peak_rss() -> float:
@@ -396,6 +434,13 @@ def probe_memory(args) -> Dict:
         torch.cuda.reset_peak_memory_stats()
     before = _reset_peak_rss()
     v, _ = build_variant(args.probe, s, args)
+    # Peak while training, not while building (Megatron's CPU init holds a full master copy of
+    # every weight for a moment): reset the peak after the build, keep the model's own size.
+    model_mb = _rss_mb() - before
+    after_build = _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     if v.controller is not None:
         L, E, M = v.handle.rank_map_shape()
         rank_map = {"drlora_init": v.handle.initial_rank_map(),
@@ -407,9 +452,14 @@ def probe_memory(args) -> Dict:
     batch = make_batch(s, device, args.seed)
     step_arg = v.controller.schedule.t_warmup + 1 if v.controller is not None else 0
     for _ in range(3):
-        run_step(v, batch, step_arg, device)
+        run_step(v, batch, step_arg, device, args.micro_batches)
     _sync(device)
-    out = {"variant": args.probe, "cpu_maxrss_increase_mb": _maxrss_mb() - before}
+    # RSS right after the build is noisy (how much of the init transient the allocator kept),
+    # so the model counts with its exact parameter bytes; the training part is measured.
+    param_mb = sum(p.numel() * p.element_size() for c in v.chunks for p in c.parameters()) / 2 ** 20
+    out = {"variant": args.probe, "parameter_mb": param_mb, "cpu_model_rss_mb": model_mb,
+           "cpu_training_peak_over_model_mb": _maxrss_mb() - after_build,
+           "cpu_peak_mb": param_mb + _maxrss_mb() - after_build}
     if device.type == "cuda":
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return out
@@ -420,6 +470,7 @@ def measure_memory(args, names: List[str]) -> Dict[str, Dict]:
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--probe", name, "--size", args.size,
                "--seed", str(args.seed), "--train-iters", str(args.train_iters),
+               "--micro-batches", str(args.micro_batches),
                "--warmup-iters", str(args.warmup_iters)]
         for key in ("layers", "seq_length", "vocab_size", "micro_batch", "r_init", "r_target",
                     "r_max"):
@@ -476,20 +527,24 @@ def run(args) -> Dict:
     step_arg = schedule.t_warmup + 1 if schedule is not None else 0  # never an event step
     batch = make_batch(s, device, args.seed)
 
+    mb = args.micro_batches
+    projection = args.project_micro_batches
     for name in names:  # warm-up: first-touch allocations, optimizer state, autotuning
-        time_variant(variants[name], maps.get(name), batch, args.warmup, step_arg, device)
+        time_variant(variants[name], maps.get(name), batch, args.warmup, step_arg, device, mb)
 
     per_rep: Dict[str, List[float]] = {n: [] for n in names}
     saliency_rep: Dict[str, List[float]] = {n: [] for n in names}
+    phases: Dict[str, List[Dict]] = {n: [] for n in names}
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: cancel drift
         if rep % 2:
             order = order[::-1]
         for name in order:
-            sec, sal = time_variant(variants[name], maps.get(name), batch, args.steps, step_arg,
-                                    device)
-            per_rep[name].append(sec)
-            saliency_rep[name].append(sal)
+            ph = time_variant(variants[name], maps.get(name), batch, args.steps, step_arg,
+                              device, mb)
+            per_rep[name].append(ph["step"])
+            saliency_rep[name].append(ph["saliency"])
+            phases[name].append(ph)
         if args.verbose:
             print(f"rep {rep}: " + " ".join(f"{n}={1000 * per_rep[n][-1]:.1f}ms" for n in names),
                   flush=True)
@@ -501,7 +556,8 @@ def run(args) -> Dict:
         f"cpu ({os.cpu_count()} cores visible, torch threads {torch.get_num_threads()})",
         "torch": torch.__version__,
         "size": args.size, "settings": s, "dtype": "bf16" if args.bf16 else "fp32",
-        "tokens_per_step": s["micro_batch"] * s["seq_length"],
+        "micro_batches_per_step": mb,
+        "tokens_per_step": s["micro_batch"] * s["seq_length"] * mb,
         "reps": args.reps, "steps_per_rep": args.steps, "warmup_steps": args.warmup,
         "build_seconds": build_seconds, "reference": REFERENCE, "variants": {},
     }
@@ -526,6 +582,22 @@ def run(args) -> Dict:
                  "lora_fwd_flops_per_token": flops,
                  "lora_flops_ratio_to_uniform_r_target": flops / lora_flops_per_token(s, ref_rank),
                  "lora_flops_over_expert_flops": flops / expert_flops}
+        entry["phase_ms_median"] = {k: 1000 * median([p[k] for p in phases[name]])
+                                    for k in ("fwd_bwd", "saliency", "optimizer")}
+        if projection:
+            # The same step with `projection` micro-batches: fwd+bwd scales, the per-step work
+            # (after_gradients, optimizer) does not; per-repetition ratios, then the median.
+            k = projection / mb
+
+            def projected(p):
+                return k * p["fwd_bwd"] + p["saliency"] + p["optimizer"]
+
+            proj = [projected(a) / projected(b) for a, b in zip(phases[name],
+                                                                  phases[REFERENCE])]
+            entry["projected_ratio_to_uniform_r_target"] = median(proj)
+            if name.startswith("drlora_"):
+                entry["projected_saliency_pct_of_step"] = 100 * median(
+                    [p["saliency"] / projected(p) for p in phases[name]])
         if name.startswith("drlora_"):
             entry["saliency_update_ms_median"] = 1000 * median(saliency_rep[name])
             entry["saliency_update_pct_of_step"] = 100 * median(
@@ -540,6 +612,10 @@ def run(args) -> Dict:
             "ms_median": median([result["variants"][n]["saliency_update_ms_median"]
                                  for n in names if n.startswith("drlora_")]),
             "pct_of_step_max": max(pcts), "target_pct": 1.0, "meets_target": max(pcts) < 1.0}
+        if projection:
+            ppcts = [result["variants"][n]["projected_saliency_pct_of_step"] for n in names
+                     if n.startswith("drlora_")]
+            result["saliency_update"]["projected_pct_of_step_max"] = max(ppcts)
         # One growth event: after_gradients at an event step minus at a normal step, from the
         # mid-growth map (restored after every event so each repetition sees the same state).
         event_step = schedule.t_warmup if schedule.grows else None
@@ -571,46 +647,71 @@ def run(args) -> Dict:
             run_est["meets_target"] = run_est["ratio_to_uniform_r_target"] <= 1.0
             run_est["interpolated_from"] = [{"mean_rank": r, "ratio": t} for r, t in points]
             result["whole_run"] = run_est
+            if projection:
+                ref_proj = median([projection / mb * p["fwd_bwd"] + p["optimizer"]
+                                   for p in phases[REFERENCE]])
+                ppoints = [(r, result["variants"][n]["projected_ratio_to_uniform_r_target"])
+                           for (r, _), n in zip(points, [n for n in names
+                                                         if n.startswith("drlora_")])]
+                proj = whole_run_ratio(ppoints, schedule, extra / ref_proj)
+                result["whole_run"]["projected"] = {
+                    "micro_batches_per_step": projection,
+                    "tokens_per_step": projection * s["micro_batch"] * s["seq_length"],
+                    "ratio_to_uniform_r_target": proj["ratio_to_uniform_r_target"],
+                    "meets_target": proj["ratio_to_uniform_r_target"] <= 1.0}
+        if projection:
+            result["projection"] = {"micro_batches_per_step": projection,
+                                    "tokens_per_step": projection * s["micro_batch"]
+                                    * s["seq_length"]}
 
     if args.memory:
         del variants, drlora, base
         mem = measure_memory(args, names)
-        key = "cuda_max_allocated_mb" if device.type == "cuda" else "cpu_maxrss_increase_mb"
+        key = "cuda_max_allocated_mb" if device.type == "cuda" else "cpu_peak_mb"
         ref = mem[REFERENCE][key]
         for name in names:
             result["variants"][name]["peak_memory_mb"] = mem[name][key]
             result["variants"][name]["peak_memory_ratio_to_uniform_r_target"] = \
                 mem[name][key] / ref if ref > 0 else None
+            result["variants"][name]["memory_probe"] = mem[name]
         result["memory_metric"] = key
     return result
 
 
 def format_table(result: Dict) -> str:
+    proj = result.get("projection")
     lines = [f"DR-LoRA step-time benchmark: size {result['size']}, {result['device']}, "
-             f"{result['dtype']}, {result['tokens_per_step']} tokens/step, median of "
+             f"{result['dtype']}, {result['tokens_per_step']} tokens/step "
+             f"({result['micro_batches_per_step']} micro-batch(es)), median of "
              f"{result['reps']} interleaved repetitions x {result['steps_per_rep']} steps",
              "",
-             "| variant | mean rank | ms/step (median) | ratio to uniform r_target: median "
-             "(min-max) | ratio of fastest steps | LoRA fwd MFLOPs/token | LoRA/expert FLOPs | "
-             "peak memory MB (ratio) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | mean rank | ms/step (median) | fwd+bwd / after_gradients / AdamW ms | "
+             "ratio to uniform r_target: median (min-max) | ratio of fastest steps | "
+             + (f"ratio projected to {proj['tokens_per_step']} tokens/step | " if proj else "")
+             + "LoRA fwd MFLOPs/token | LoRA/expert FLOPs | peak memory MB (ratio) |",
+             "|---|---|---|---|---|---|" + ("---|" if proj else "") + "---|---|---|"]
     for name, v in result["variants"].items():
         mem = "-"
         if "peak_memory_mb" in v:
             r = v["peak_memory_ratio_to_uniform_r_target"]
             mem = f"{v['peak_memory_mb']:.1f} ({r:.2f}x)" if r is not None else \
                 f"{v['peak_memory_mb']:.1f}"
+        ph = v["phase_ms_median"]
         lines.append(f"| {name} | {v['mean_rank']:.2f} | {v['ms_per_step_median']:.2f} | "
+                     f"{ph['fwd_bwd']:.1f} / {ph['saliency']:.1f} / {ph['optimizer']:.1f} | "
                      f"{v['ratio_to_uniform_r_target']:.3f}x ({v['ratio_min']:.3f}-"
                      f"{v['ratio_max']:.3f}) | {v['ratio_of_fastest_steps']:.3f}x | "
-                     f"{v['lora_fwd_flops_per_token'] / 1e6:.3f} | "
+                     + (f"{v['projected_ratio_to_uniform_r_target']:.3f}x | " if proj else "")
+                     + f"{v['lora_fwd_flops_per_token'] / 1e6:.3f} | "
                      f"{100 * v['lora_flops_over_expert_flops']:.1f}% | {mem} |")
     if "saliency_update" in result:
         su = result["saliency_update"]
         lines.append("")
         lines.append(f"saliency update + reduction (after_gradients, non-event step): "
                      f"{su['ms_median']:.3f} ms = {su['pct_of_step_max']:.2f}% of a DR-LoRA step "
-                     f"(worst map; target < 1%: {'met' if su['meets_target'] else 'NOT met'})")
+                     f"(worst map; target < 1%: {'met' if su['meets_target'] else 'NOT met'})"
+                     + (f"; projected to {proj['tokens_per_step']} tokens/step: "
+                        f"{su['projected_pct_of_step_max']:.2f}%" if proj else ""))
     if "growth_event" in result:
         ge = result["growth_event"]
         lines.append(f"growth event: after_gradients {ge['after_gradients_ms_median']:.3f} ms, "
@@ -622,7 +723,10 @@ def format_table(result: Dict) -> str:
                      f"{wr['events']} events every {wr['grow_interval']}, time-weighted mean "
                      f"rank {wr['time_weighted_average_rank']:.2f}): DR-LoRA / uniform r_target "
                      f"= {wr['ratio_to_uniform_r_target']:.3f}x (target <= 1.00: "
-                     f"{'met' if wr['meets_target'] else 'NOT met'})")
+                     f"{'met' if wr['meets_target'] else 'NOT met'})"
+                     + (f"; projected to {wr['projected']['tokens_per_step']} tokens/step: "
+                        f"{wr['projected']['ratio_to_uniform_r_target']:.3f}x"
+                        if "projected" in wr else ""))
     return "\n".join(lines)
 
 
@@ -643,7 +747,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=None)
-    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches (gradient accumulation) per optimizer step: DR-LoRA's "
+                        "statistics and AdamW run once per step (default: tiny 1, olmoe-like 4 "
+                        "as in the paper's OLMoE runs)")
+    p.add_argument("--project-micro-batches", type=int, default=None, metavar="K",
+                   help="also report ratios projected to K micro-batches per step from the "
+                        "measured phases (fwd+bwd x K/measured + after_gradients + optimizer): "
+                        "for CPU runs that cannot afford realistic tokens per step")
     p.add_argument("--r-init", type=int, default=None)
     p.add_argument("--r-target", type=int, default=None)
     p.add_argument("--r-max", type=int, default=None)
@@ -675,6 +787,8 @@ def main(argv=None) -> int:
         args.reps = 25 if args.size == "tiny" else 7
     if args.steps is None:
         args.steps = 2
+    if args.micro_batches is None:
+        args.micro_batches = 1 if args.size == "tiny" else 4
     if args.bf16 is None:
         args.bf16 = torch.cuda.is_available()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
