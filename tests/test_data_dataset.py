@@ -6,7 +6,6 @@ digits, so "this label is a response token" can be checked from the token itself
 re-deriving the dataset's document layout.
 """
 
-import importlib.util
 import os
 import pickle
 import random
@@ -37,13 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 32
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.test_data_tools import load_tool  # noqa: E402
 
 train_tokenizer = load_tool("train_tokenizer")
 preprocess_data = load_tool("preprocess_data")
