@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
@@ -154,10 +153,14 @@ class DRLoRAConfig:
             bad("gamma", f"must be >= 0, got {self.gamma!r}")
         if not _is_number(self.p_grow) or not 0.0 < self.p_grow <= 1.0:
             bad("p_grow", f"must be in (0, 1], got {self.p_grow!r}")
-        if self.grows and math.floor((self.rank_max - self.rank_init) * self.p_grow) < 1:
-            bad("p_grow", f"the per-event cap floor((r_max - r_init) * p_grow) = "
-                f"floor(({self.rank_max} - {self.rank_init}) * {self.p_grow}) is 0, so no "
-                f"expert could ever grow; raise --drlora-p-grow or --drlora-rank-max")
+        if self.grows:
+            from megatron_drlora.schedule import per_event_cap  # schedule imports this module
+
+            if per_event_cap(self.p_grow, self.rank_max, self.rank_init) < 1:
+                bad("p_grow", f"the per-event cap floor((r_max - r_init) * p_grow) = "
+                    f"floor(({self.rank_max} - {self.rank_init}) * {self.p_grow}) is 0, so no "
+                    f"expert could ever grow; raise --drlora-p-grow or --drlora-rank-max, or "
+                    f"lower --drlora-rank-init")
         for name, choices in (("allocation", ALLOCATION_SCOPES), ("saliency", SALIENCY_VARIANTS),
                               ("frequency", FREQUENCY_SOURCES), ("router", ROUTER_MODES)):
             if getattr(self, name) not in choices:

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from megatron_drlora.config import ALLOCATION_SCOPES, ROUTER_MODES, DRLoRAConfig
 
-__all__ = ["GrowthSchedule", "exact_floor_product", "warmup_iters_from_fraction"]
+__all__ = ["GrowthSchedule", "exact_floor_product", "per_event_cap", "warmup_iters_from_fraction"]
 
 
 def exact_floor_product(fraction: float, n: int) -> int:
@@ -28,6 +28,15 @@ def exact_floor_product(fraction: float, n: int) -> int:
     29 a user expects, and the same answer on every rank and in the planning tool.
     """
     return math.floor(Fraction(repr(float(fraction))) * n)
+
+
+def per_event_cap(p_grow: float, r_max: int, r_init: int) -> int:
+    """Eq. 12: cap = floor((r_max - r_init) * p_grow), the exact decimal product.
+
+    The one definition of the cap: config validation and the schedule both call it, so a config
+    that validates can never get a schedule whose cap is 0.
+    """
+    return exact_floor_product(p_grow, r_max - r_init)
 
 
 def warmup_iters_from_fraction(fraction: float, train_iters: int) -> int:
@@ -100,7 +109,7 @@ class GrowthSchedule:
             raise ValueError("--drlora-grow-buffer must be an integer >= 0, got None")
         t_end = train_iters - config.grow_buffer
         r_init, r_target, r_max = config.rank_init, config.budget, config.rank_max
-        cap = exact_floor_product(config.p_grow, r_max - r_init)
+        cap = per_event_cap(config.p_grow, r_max, r_init)
         n_events, quotas = 0, (0,) * len(mods)
         if config.grows:
             if warmup >= t_end:

@@ -48,6 +48,16 @@ def test_bad_values_name_the_field_and_fix(kwargs, needle):
     assert needle in str(err.value)
 
 
+def test_cap_zero_refused_where_the_schedule_would_never_grow():
+    """p_grow = 1/3 with r_max - r_init = 3: a float product gives 1, the schedule's exact
+    decimal gives 0; validation must use the schedule's cap and refuse."""
+    with pytest.raises(DRLoRAConfigError) as err:
+        DRLoRAConfig(budget=4, r_init=2, r_max=5, p_grow=1 / 3)
+    for flag in ("--drlora-p-grow", "--drlora-rank-max", "--drlora-rank-init"):
+        assert flag in str(err.value)
+    assert "is 0" in str(err.value)
+
+
 def test_yaml_round_trip(tmp_path):
     c = DRLoRAConfig(budget=32, r_init=8, targets=("gate", "up", "down"), saliency="frequency")
     path = tmp_path / "drlora.yaml"

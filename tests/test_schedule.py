@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from megatron_drlora.config import DRLoRAConfig
-from megatron_drlora.schedule import (GrowthSchedule, exact_floor_product,
+from megatron_drlora.schedule import (GrowthSchedule, exact_floor_product, per_event_cap,
                                       warmup_iters_from_fraction)
 
 OLMOE_MODS = [128] * 16  # 16 layers x 64 experts x (up, down)
@@ -119,6 +119,20 @@ def test_cap_exact_decimal():
     assert exact_floor_product(0.29, 100) == 29  # 0.29 * 100 == 28.999999999999996 in floats
     cfg = DRLoRAConfig(budget=64, r_init=32, r_max=132, p_grow=0.29)
     assert GrowthSchedule.build(cfg, 38000, 1140, [4]).cap == 29
+
+
+@pytest.mark.parametrize("p_grow,r_init,r_max", [(0.1, 32, 128), (0.29, 32, 132),
+                                                 (1 / 3, 2, 6), (1.0, 1, 2), (0.5, 3, 4)])
+def test_one_cap_for_config_and_schedule(p_grow, r_init, r_max):
+    """The schedule's cap is per_event_cap, and a config is valid iff that cap is >= 1."""
+    cap = per_event_cap(p_grow, r_max, r_init)
+    assert cap == exact_floor_product(p_grow, r_max - r_init)
+    if cap < 1:
+        with pytest.raises(ValueError, match="--drlora-p-grow"):
+            DRLoRAConfig(budget=r_init + 1, r_init=r_init, r_max=r_max, p_grow=p_grow)
+    else:
+        cfg = DRLoRAConfig(budget=r_init + 1, r_init=r_init, r_max=r_max, p_grow=p_grow)
+        assert GrowthSchedule.build(cfg, 38000, 1140, [4]).cap == cap
 
 
 def test_cap_binds_when_quota_is_larger():
