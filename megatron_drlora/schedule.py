@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from megatron_drlora.config import ALLOCATION_SCOPES, ROUTER_MODES, DRLoRAConfig
 
-__all__ = ["GrowthSchedule", "exact_floor_product", "per_event_cap", "warmup_iters_from_fraction"]
+__all__ = ["GrowthSchedule", "exact_floor_product", "per_event_cap",
+           "warmup_iterations"]
 
 
 def exact_floor_product(fraction: float, n: int) -> int:
@@ -39,16 +40,30 @@ def per_event_cap(p_grow: float, r_max: int, r_init: int) -> int:
     return exact_floor_product(p_grow, r_max - r_init)
 
 
-def warmup_iters_from_fraction(fraction: float, train_iters: int) -> int:
-    """t_warmup for Megatron's `--lr-warmup-fraction` (a fraction of the LR decay iterations).
+def warmup_iterations(train_iters: int, lr_warmup_iters: Optional[int] = None,
+                      lr_warmup_fraction: Optional[float] = None,
+                      lr_decay_iters: Optional[int] = None) -> int:
+    """LR warm-up iterations by Megatron-LM's rule, as an integer step for growth events.
 
-    Megatron keeps the warm-up length as a float; growth events need an integer step, so take the
-    floor of the exact decimal product (0.03 * 38000 -> 1140, as in the paper).
+    Megatron warms up for lr_warmup_fraction * lr_decay_iters (lr_decay_iters defaulting to
+    train_iters) when the fraction is given, else for lr_warmup_iters (default 0). The planner
+    and the training entry both call this, so they agree; a fractional length is floored (exact
+    decimal: 0.03 * 38000 -> 1140, as in the paper).
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or not 0 <= fraction <= 1:
-        raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {fraction!r}")
-    return exact_floor_product(fraction, train_iters)
+    fraction = lr_warmup_fraction
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                or not 0 <= fraction <= 1:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {fraction!r}")
+        decay = train_iters if lr_decay_iters is None else lr_decay_iters
+        if not _is_int(decay) or decay <= 0:
+            raise ValueError(f"--lr-decay-iters must be a positive integer, got {decay!r}")
+        return exact_floor_product(fraction, decay)
+    if lr_warmup_iters is None:
+        return 0
+    if not _is_int(lr_warmup_iters) or lr_warmup_iters < 0:
+        raise ValueError(f"--lr-warmup-iters must be an integer >= 0, got {lr_warmup_iters!r}")
+    return lr_warmup_iters
 
 
 def _ceil_div(a: int, b: int) -> int:

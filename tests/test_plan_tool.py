@@ -49,6 +49,17 @@ def test_human_output_and_warmup_fraction():
     assert "         0       0              65,536         32.00" in out
 
 
+def test_warmup_fraction_of_lr_decay_iters():
+    """Megatron's rule: the fraction applies to --lr-decay-iters when given, and is floored."""
+    proc = run_tool(*OLMOE[:-2], "--lr-warmup-fraction", "0.03", "--lr-decay-iters", "30000",
+                    "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["t_warmup"] == 900
+    proc = run_tool(*OLMOE[:-4], "--train-iters", "37950", "--lr-warmup-fraction", "0.03", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["t_warmup"] == 1138  # 1138.5
+
+
 def test_uniform_method_runs():
     proc = run_tool("--num-layers", "2", "--num-experts", "4", "--drlora-budget", "8",
                     "--drlora-method", "uniform", "--train-iters", "100", "--json")

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_drlora.config import DRLoRAConfig
 from megatron_drlora.schedule import (GrowthSchedule, exact_floor_product, per_event_cap,
-                                      warmup_iters_from_fraction)
+                                      warmup_iterations)
 
 OLMOE_MODS = [128] * 16  # 16 layers x 64 experts x (up, down)
 TABLE_10 = [  # step, events so far, total active ranks, average rank (2 decimals)
@@ -224,9 +224,17 @@ def test_event_step_range():
         s.event_step(185)
 
 
-def test_warmup_fraction():
-    assert warmup_iters_from_fraction(0.03, 38000) == 1140
-    assert warmup_iters_from_fraction(0.0, 100) == 0
-    assert warmup_iters_from_fraction(0.015, 1000) == 15
-    with pytest.raises(ValueError, match="--lr-warmup-fraction"):
-        warmup_iters_from_fraction(1.5, 100)
+def test_warmup_iterations_follow_megatron():
+    """Megatron warms up for fraction * lr_decay_iters (default train_iters), else the iters."""
+    assert warmup_iterations(38000, lr_warmup_fraction=0.03) == 1140
+    assert warmup_iterations(1000, lr_warmup_fraction=0.0125) == 12  # 12.5: floor, not round
+    assert warmup_iterations(1000, lr_warmup_fraction=0.0135) == 13  # 13.5: floor, not round
+    assert warmup_iterations(1000, lr_warmup_fraction=0.1, lr_decay_iters=500) == 50
+    assert warmup_iterations(100, lr_warmup_fraction=0.29) == 29  # exact decimal, not 28
+    assert warmup_iterations(1000, lr_warmup_iters=70) == 70
+    assert warmup_iterations(1000, lr_warmup_iters=70, lr_decay_iters=500) == 70
+    assert warmup_iterations(1000) == 0
+    for bad in (dict(lr_warmup_fraction=1.5), dict(lr_warmup_fraction=-0.1),
+                dict(lr_warmup_iters=-1), dict(lr_warmup_fraction=0.1, lr_decay_iters=0)):
+        with pytest.raises(ValueError, match="--lr-"):
+            warmup_iterations(100, **bad)

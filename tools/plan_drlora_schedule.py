@@ -25,7 +25,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_drlora.config import DRLoRAConfig, add_drlora_args, config_from_args  # noqa: E402
-from megatron_drlora.schedule import GrowthSchedule, warmup_iters_from_fraction  # noqa: E402
+from megatron_drlora.schedule import GrowthSchedule, warmup_iterations  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--lr-warmup-iters", type=int, default=None,
                       help="LR warm-up iterations = t_warmup (Megatron default 0).")
     warm.add_argument("--lr-warmup-fraction", type=float, default=None,
-                      help="LR warm-up as a fraction of --train-iters (paper: 0.03).")
+                      help="LR warm-up as a fraction of --lr-decay-iters (paper: 0.03).")
+    model.add_argument("--lr-decay-iters", type=int, default=None,
+                       help="LR decay iterations (Megatron default: --train-iters); the "
+                            "warm-up fraction applies to it.")
     out = parser.add_argument_group("output")
     out.add_argument("--at", type=int, nargs="+", metavar="STEP", default=None,
                      help="Steps of the trajectory table (default: 0, t_warmup, evenly spaced "
@@ -137,10 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if value <= 0:
                 raise ValueError(f"{flag} must be a positive integer, got {value}")
         config = config_from_args(args)
-        if args.lr_warmup_fraction is not None:
-            warmup = warmup_iters_from_fraction(args.lr_warmup_fraction, args.train_iters)
-        else:
-            warmup = args.lr_warmup_iters if args.lr_warmup_iters is not None else 0
+        warmup = warmup_iterations(args.train_iters, args.lr_warmup_iters,
+                                   args.lr_warmup_fraction, args.lr_decay_iters)
         modules = [len(config.targets) * args.num_experts] * args.num_layers
         schedule = GrowthSchedule.build(config, args.train_iters, warmup, modules)
         steps = args.at if args.at is not None else default_steps(schedule)
