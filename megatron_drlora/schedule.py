@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from megatron_drlora.config import ALLOCATION_SCOPES, ROUTER_MODES, DRLoRAConfig
 
-__all__ = ["GrowthSchedule", "exact_floor_product", "per_event_cap",
-           "warmup_iterations"]
+__all__ = ["GrowthSchedule", "budget_shortfall_message", "exact_floor_product",
+           "per_event_cap", "warmup_iterations"]
 
 
 def exact_floor_product(fraction: float, n: int) -> int:
@@ -267,3 +267,19 @@ class GrowthSchedule:
                 return None
             needed = max(needed, _ceil_div(gap, per_event))
         return needed if needed <= self.num_event_steps else None
+
+
+def budget_shortfall_message(schedule: GrowthSchedule) -> Optional[str]:
+    """Why the run will end below its budget (how many ranks short, which flags to change), or
+    None when the target is reached. In short runs the per-event cap binds before the quota;
+    the planner prints this and the training entry warns with it at start-up."""
+    if schedule.target_reached_event() is not None:
+        return None
+    target = sum(schedule.layer_target(l) for l in range(schedule.num_layers))
+    got = schedule.planned_total_active(schedule.train_iters - 1)
+    return (f"DR-LoRA will not reach its budget: after the last of {schedule.num_event_steps} "
+            f"growth events the layers hold {got:,} of their {target:,} active ranks, "
+            f"{target - got:,} module-ranks short, because a module grows by at most cap = "
+            f"{schedule.cap} ranks per event (floor((r_max - r_init) * p_grow)); raise "
+            f"--drlora-p-grow or --drlora-rank-max, lower --drlora-grow-interval, or raise "
+            f"--train-iters")

@@ -60,6 +60,18 @@ def test_warmup_fraction_of_lr_decay_iters():
     assert json.loads(proc.stdout)["t_warmup"] == 1138  # 1138.5
 
 
+def test_budget_shortfall_reported():
+    args = ["--num-layers", "2", "--num-experts", "1", "--drlora-budget", "16",
+            "--drlora-rank-init", "1", "--drlora-rank-max", "16", "--drlora-grow-interval", "10",
+            "--drlora-grow-buffer", "0", "--train-iters", "25", "--lr-warmup-iters", "10"]
+    proc = run_tool(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "52 module-ranks short" in proc.stdout and "--drlora-p-grow" in proc.stdout
+    plan = json.loads(run_tool(*args, "--json").stdout)
+    assert "52 module-ranks short" in plan["budget_shortfall"]
+    assert json.loads(run_tool(*OLMOE, "--json").stdout)["budget_shortfall"] is None
+
+
 def test_uniform_method_runs():
     proc = run_tool("--num-layers", "2", "--num-experts", "4", "--drlora-budget", "8",
                     "--drlora-method", "uniform", "--train-iters", "100", "--json")

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from megatron_drlora.config import DRLoRAConfig
-from megatron_drlora.schedule import (GrowthSchedule, exact_floor_product, per_event_cap,
+from megatron_drlora.schedule import (GrowthSchedule, budget_shortfall_message,
+                                      exact_floor_product, per_event_cap,
                                       warmup_iterations)
 
 OLMOE_MODS = [128] * 16  # 16 layers x 64 experts x (up, down)
@@ -143,6 +144,21 @@ def test_cap_binds_when_quota_is_larger():
     assert s.n_events == 1 and s.quota(0) == 30 and s.cap == 1
     assert s.planned_total_active(24) == 2 * 1 + 2 * 1 * 2
     assert s.target_reached_event() is None
+
+
+def test_budget_shortfall_message():
+    cfg = DRLoRAConfig(budget=16, r_init=1, r_max=16, p_grow=0.1, grow_interval=10,
+                       grow_buffer=0)
+    s = GrowthSchedule.build(cfg, 25, 10, [2, 2])
+    # Each layer: 2 + 2 events x 2 = 6 of its target 32, so 26 short, 52 in all.
+    msg = budget_shortfall_message(s)
+    assert msg is not None and "52 module-ranks short" in msg, msg
+    for flag in ("--drlora-p-grow", "--drlora-rank-max", "--train-iters"):
+        assert flag in msg
+    assert budget_shortfall_message(olmoe()) is None
+    assert budget_shortfall_message(olmoe(allocation="global")) is None
+    uniform = GrowthSchedule.build(DRLoRAConfig(budget=16, method="uniform"), 50, 10, [8])
+    assert budget_shortfall_message(uniform) is None
 
 
 def test_router_trainable():

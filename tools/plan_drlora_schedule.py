@@ -25,7 +25,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_drlora.config import DRLoRAConfig, add_drlora_args, config_from_args  # noqa: E402
-from megatron_drlora.schedule import GrowthSchedule, warmup_iterations  # noqa: E402
+from megatron_drlora.schedule import (GrowthSchedule, budget_shortfall_message,  # noqa: E402
+                                      warmup_iterations)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,7 @@ def make_plan(config: DRLoRAConfig, schedule: GrowthSchedule, num_experts: int,
         "target_total_ranks": sum(schedule.layer_target(l) for l in range(schedule.num_layers)),
         "target_reached_event": reached,
         "target_reached_step": schedule.event_step(reached) if reached else None,
+        "budget_shortfall": budget_shortfall_message(schedule),
         "trajectory": [{"step": s, "events": schedule.events_through(s),
                         "total_active_ranks": schedule.planned_total_active(s),
                         "average_rank": round(schedule.planned_average_rank(s), 6)}
@@ -95,7 +97,7 @@ def format_plan(plan: Dict[str, Any]) -> str:
              "per layer " + ", ".join(str(q) for q in plan["quota"]))
     n_mod = plan["modules_per_layer"][0]
     if plan["target_reached_event"] is None:
-        reached = "NOT reached by t_end (the cap or quota is too small for this run)"
+        reached = "NOT reached by t_end (see the warning below)"
     elif plan["target_reached_event"] == 0:
         reached = "already at the start (no growth)"
     else:
@@ -122,6 +124,10 @@ def format_plan(plan: Dict[str, Any]) -> str:
         f"  quota       {quota} module-ranks per layer per event (Eq. 11)",
         f"  cap         {plan['cap']} ranks per module per event (Eq. 12)",
         f"  target      {plan['target_total_ranks']:,} active ranks in all, {reached}",
+    ]
+    if plan["budget_shortfall"]:
+        lines.append(f"  warning     {plan['budget_shortfall']}")
+    lines += [
         "",
         f"  {'step':>8}  {'events':>6}  {'total active ranks':>18}  {'average rank':>12}",
     ]
