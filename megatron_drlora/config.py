@@ -51,7 +51,8 @@ class DRLoRAConfig:
     dropout: float = _opt(0.0, "Dropout on the adapter input (the authors' code uses 0.1; 0 keeps "
                           "runs bitwise reproducible across parallel layouts).")
     targets: Tuple[str, ...] = _opt(("up", "down"), "Expert projections that get adapters: any "
-                                    "of gate, up, down.", choices=PROJECTIONS)
+                                    "of gate, up, down (always visited in that order).",
+                                    choices=PROJECTIONS)
     beta: float = _opt(0.9, "EMA factor of routing frequency and rank importance (Eq. 5, 7).")
     gamma: float = _opt(1.2, "Rank penalty exponent of the saliency (Eq. 9); 0 disables the "
                         "penalty.")
@@ -76,7 +77,10 @@ class DRLoRAConfig:
     def __post_init__(self):
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        self.targets = tuple(self.targets)
+        # The paper visits an expert's modules in a fixed order (gate, up, down), so the
+        # growth order must not depend on how the user spelled --drlora-targets.
+        rank = {p: i for i, p in enumerate(PROJECTIONS)}
+        self.targets = tuple(sorted(self.targets, key=lambda t: rank.get(t, len(rank))))
         self.validate()
 
     # --- derived values -------------------------------------------------------------------

@@ -58,6 +58,27 @@ def test_cap_zero_refused_where_the_schedule_would_never_grow():
     assert "is 0" in str(err.value)
 
 
+def test_targets_in_canonical_order():
+    """The paper visits an expert's modules gate, up, down whatever order the user writes."""
+    import torch
+
+    from megatron_drlora.allocator import allocate_growth
+
+    assert DRLoRAConfig(budget=16, targets="down,up") == DRLoRAConfig(budget=16, targets="up,down")
+    assert DRLoRAConfig(budget=16, targets=("down", "gate", "up")).targets == ("gate", "up", "down")
+    parser = add_drlora_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--drlora-budget", "16", "--drlora-targets", "down,up"])
+    assert config_from_args(args).targets == ("up", "down")
+    grown = []
+    for spelling in ("down,up", "up,down"):
+        cfg = DRLoRAConfig(budget=16, targets=spelling)
+        ranks = torch.full((1, 2, len(cfg.targets)), cfg.rank_init, dtype=torch.int64)
+        sal = torch.tensor([[2.0, 1.0]], dtype=torch.float64)
+        new = allocate_growth(sal, ranks, [1], 1, cfg.rank_max, [64])  # one rank to hand out
+        grown.append({name: int(new[0, 0, i]) for i, name in enumerate(cfg.targets)})
+    assert grown[0] == grown[1] == {"up": 9, "down": 8}
+
+
 def test_yaml_round_trip(tmp_path):
     c = DRLoRAConfig(budget=32, r_init=8, targets=("gate", "up", "down"), saliency="frequency")
     path = tmp_path / "drlora.yaml"
