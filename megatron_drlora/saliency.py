@@ -14,7 +14,16 @@ import torch
 
 from megatron_drlora.config import SALIENCY_VARIANTS
 
-__all__ = ["SaliencyState", "rank_sensitivity_l1"]
+__all__ = ["SaliencyState", "rank_sensitivity_l1", "statistics_are_finite"]
+
+
+def statistics_are_finite(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when no tensor (None ignored) holds NaN or inf.
+
+    One NaN in an EMA stays there for the rest of the run and makes the growth order arbitrary,
+    so a step with non-finite statistics (e.g. an fp16 overflow the optimizer skips) is dropped.
+    """
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 def rank_sensitivity_l1(grad: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tensor:
@@ -76,7 +85,7 @@ class SaliencyState:
 
     def update(self, routed_sum: torch.Tensor, tokens: torch.Tensor,
                l1_a: Optional[torch.Tensor], l1_b: Optional[torch.Tensor],
-               ranks: torch.Tensor, beta: float) -> None:
+               ranks: torch.Tensor, beta: float) -> bool:
         """One optimizer step's statistics, already reduced over the whole global batch.
 
         routed_sum [L, E]: routing weight (or token count) each expert received this step.
@@ -85,25 +94,32 @@ class SaliencyState:
         product (Eq. 6). Pass both as None to update only the frequency (e.g. when the
         'frequency' variant needs no gradient statistics).
         ranks [L, E, M]: active ranks during this step; only slots j < rank are updated.
+        Returns False, changing nothing, when any statistic is NaN or inf; True otherwise.
         """
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < 1:
             raise ValueError(f"SaliencyState.update: beta must be in [0, 1), got {beta!r}")
         L, E, M, R = self.shape
         routed = self._check("routed_sum", routed_sum, (L, E)).to(torch.float64)
         toks = self._check("tokens", tokens, (L,)).to(torch.float64)
-        w = torch.where(toks[:, None] > 0, routed / toks.clamp_min(1e-300)[:, None],
-                        torch.zeros_like(routed))
-        self.frequency.mul_(beta).add_(w, alpha=1.0 - beta)
-
         if (l1_a is None) != (l1_b is None):
             raise ValueError("SaliencyState.update: pass both l1_a and l1_b, or neither")
+        s = None
         if l1_a is not None:
             a = self._check("l1_a", l1_a, self.shape).to(torch.float64)
             b = self._check("l1_b", l1_b, self.shape).to(torch.float64)
+            s = a * b  # Eq. 6
+        w = torch.where(toks[:, None] > 0, routed / toks.clamp_min(1e-300)[:, None],
+                        torch.zeros_like(routed))
+        if not statistics_are_finite(routed, toks, w, s):
+            return False
+
+        self.frequency.mul_(beta).add_(w, alpha=1.0 - beta)
+        if s is not None:
             mask = self.active_mask(ranks)
-            ema = self.importance * beta + (a * b) * (1.0 - beta)
+            ema = self.importance * beta + s * (1.0 - beta)
             self.importance.copy_(torch.where(mask, ema, self.importance))
         self.updates += 1
+        return True
 
     # --- reading the state ------------------------------------------------------------------
     def expert_rank(self, ranks: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_drlora.saliency import SaliencyState, rank_sensitivity_l1
+from megatron_drlora.saliency import SaliencyState, rank_sensitivity_l1, statistics_are_finite
 
 F64 = torch.float64
 
@@ -49,6 +49,36 @@ def test_importance_ema_only_active_slots():
     fewer = torch.tensor([[[1, 0], [3, 1]]])
     s.update(torch.zeros(1, 2), torch.tensor([5]), l1_a, l1_b, fewer, 0.5)
     assert s.importance[0, 0, 0].tolist() == [0.5 * 1.0 + 0.5 * 1 * 2, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", ["importance_nan", "importance_inf", "routed_nan", "tokens_inf"])
+def test_non_finite_statistics_leave_the_emas_unchanged(bad):
+    s = SaliencyState(1, 2, 2, 3)
+    ranks = torch.tensor([[[2, 1], [3, 3]]])
+    routed, tokens = torch.tensor([[3.0, 1.0]]), torch.tensor([4.0])
+    l1_a, l1_b = full((1, 2, 2, 3), 1.5), full((1, 2, 2, 3), 2.0)
+    assert s.update(routed, tokens, l1_a, l1_b, ranks, 0.9) is True
+    before = (s.frequency.clone(), s.importance.clone(), s.updates)
+    if bad == "importance_nan":
+        l1_a = l1_a.clone()
+        l1_a[0, 1, 0, 0] = float("nan")
+    elif bad == "importance_inf":
+        l1_b = l1_b.clone()
+        l1_b[0, 0, 1, 0] = float("inf")
+    elif bad == "routed_nan":
+        routed = torch.tensor([[float("nan"), 1.0]])
+    else:
+        tokens = torch.tensor([float("inf")])
+    assert s.update(routed, tokens, l1_a, l1_b, ranks, 0.9) is False
+    assert torch.equal(s.frequency, before[0]) and torch.equal(s.importance, before[1])
+    assert s.updates == before[2]
+    assert torch.isfinite(s.saliency(ranks)).all()
+
+
+def test_statistics_are_finite():
+    assert statistics_are_finite(torch.ones(2), None, torch.zeros(1, 3))
+    assert not statistics_are_finite(torch.ones(2), torch.tensor([1.0, float("-inf")]))
+    assert not statistics_are_finite(torch.tensor([float("nan")], dtype=F64))
 
 
 def test_expert_importance_and_rank():
