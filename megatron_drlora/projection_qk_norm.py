@@ -6,11 +6,18 @@ and the whole key projection (query groups x head_dim) at once, with one weight 
 two differ numerically, so a converted OLMoE would be silently wrong with Megatron's norm.
 
 `ProjectionRMSNorm` replaces `q_layernorm` / `k_layernorm` in the layer spec
-(`use_projection_qk_norm`). It receives Megatron's [sq, b, heads_local, head_dim] query/key,
-normalises over all heads of the projection and keeps the weight sharded like the heads under
-tensor parallelism: the sum of squares is all-reduced over the TP group (forward and backward),
-and the weight is a TP-sharded tensor in checkpoints (key `...self_attention.q_layernorm.weight`,
-global shape [heads x head_dim]), so a checkpoint loads under any TP size.
+(`use_projection_qk_norm`). It receives Megatron's [sq, b, heads_local, head_dim] query/key and
+normalises over all heads of the projection: the sum of squares is all-reduced over the TP group
+(forward and backward).
+
+The weight is replicated in full ([heads x head_dim]) on every TP rank, and each rank multiplies
+by the slice of its own heads. Megatron's `finalize_model_grads` sums over TP the gradient of
+every parameter whose name contains `q_layernorm` / `k_layernorm` (when `config.qk_layernorm`),
+since it takes them for per-head norms shared by all heads. A TP-sharded weight would get the sum
+of all ranks' shard gradients; the replicated weight gets its full gradient (each rank
+contributes its slice, zeros elsewhere), identical on every rank. In checkpoints the weight is one
+replicated tensor (key `...self_attention.q_layernorm.weight`, global shape [heads x head_dim]),
+so a checkpoint loads under any TP size.
 """
 
 from __future__ import annotations
@@ -62,17 +69,20 @@ class ProjectionRMSNorm(torch.nn.Module):
             raise ValueError(
                 f"the whole-projection q/k norm (--qk-layernorm-scope projection) needs the "
                 f"query groups ({groups}) divisible by --tensor-model-parallel-size {tp}")
+        if tp > 1 and not config.qk_layernorm:
+            raise ValueError("the whole-projection q/k norm needs --qk-layernorm: without it "
+                             "Megatron does not sum the norm's gradient over tensor parallelism")
         self.projection = projection
         self.head_dim = int(hidden_size)
         self.full_size = heads * self.head_dim
         self.tp_size = tp
+        local = heads // tp * self.head_dim
+        start = ps.get_tensor_model_parallel_rank() * local
+        self.local_slice = slice(start, start + local)
         self.eps = float(eps)
-        self.weight = torch.nn.Parameter(torch.ones(heads // tp * self.head_dim,
-                                                    dtype=config.params_dtype))
-        # Megatron's parameter contract for a TP-sharded tensor (grad norm, DDP, optimizer).
-        self.weight.tensor_model_parallel = tp > 1
-        self.weight.partition_dim = 0
-        self.weight.partition_stride = 1
+        # Replicated over TP, like Megatron's own q/k norms (see the module docstring).
+        self.weight = torch.nn.Parameter(torch.ones(self.full_size, dtype=config.params_dtype))
+        self.weight.tensor_model_parallel = False
         self.weight.sequence_parallel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,14 +94,14 @@ class ProjectionRMSNorm(torch.nn.Module):
 
             sumsq = _AllReduceSum.apply(sumsq, ps.get_tensor_model_parallel_group())
         normed = flat * torch.rsqrt(sumsq / self.full_size + self.eps)
-        out = self.weight * normed.to(x.dtype)
+        out = self.weight[self.local_slice] * normed.to(x.dtype)
         return out.reshape(shape)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets)
 
     def extra_repr(self) -> str:
         return f"{self.projection}, {self.full_size} channels over all heads, eps={self.eps}"
