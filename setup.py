@@ -11,7 +11,9 @@ setup(
     packages=find_packages(include=["megatron_drlora", "megatron_drlora.*"]),
     python_requires=">=3.10",
     # torch: the CI box installs the CPU wheel 2.13.0; GPU containers bring their own torch.
-    # megatron-core: 0.16.1 is what resolves on Python 3.11; 0.17-0.19 (Python 3.12) also work.
+    # megatron-core: apply_drlora and the controller work from 0.16.1; the training entry
+    # (examples/pretrain_gpt.py) needs megatron.training, shipped from 0.17 (scripts/install.sh
+    # installs 0.19.2, also on Python 3.11) or a Megatron-LM checkout on PYTHONPATH.
     # transformer-engine / apex are optional and never installed by this package.
     install_requires=[
         "torch>=2.4",
@@ -20,13 +22,14 @@ setup(
         "pyyaml>=6",
         "psutil>=5.9",  # megatron.core.dist_checkpointing hangs on save without it
         "numpy",
+        "typing_extensions",  # typing.override for megatron.training on Python 3.11
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
         # HF interop (megatron_drlora/hf, tools/convert_hf_to_megatron.py, tools/export_to_hf.py):
         # the pair the tests verify; peft's fused-expert (target_parameters) layout needs
-        # peft 0.20-0.21 with transformers 5.5-5.24 (shared/design/lessons.md).
+        # peft 0.20-0.21 with transformers 5.5-5.24 (docs/hf_interop.md).
         "hf": ["transformers==5.24.0", "peft>=0.21,<0.22", "safetensors>=0.4"],
     },
 )

@@ -12,9 +12,7 @@ A small-scale version of the paper's comparison (arXiv 2601.04823, Tables 1, 12,
    prompt in ten (crc32) is held out and appears in no training data (base or fine-tune), so
    fine-tuning records and held-out prompts share the distribution but no prompt;
 2. one tiny MoE base trained on all domains (full model), shared by every variant and seed;
-3. for every seed and variant, a fine-tune on the target domain through the training entry
-   (megatron_drlora.training.loop.pretrain, i.e. examples/pretrain_gpt.py, run in this
-   process; the equivalent command is written to RUN/command.txt) under the same parameter
+3. for every seed and variant, a fine-tune on the target domain under the same parameter
    budget r_target (except uniform_r_max, which is LoRA at r_max: twice the budget);
 4. evaluation in this process: the model at TP1/EP1 with the base checkpoint, apply_drlora and
    the adapter checkpoint (adapters, router, rank map): held-out loss on response tokens and
@@ -22,16 +20,26 @@ A small-scale version of the paper's comparison (arXiv 2601.04823, Tables 1, 12,
 5. where the DR-LoRA ranks went: routing frequency per expert (forward hooks on the routers) on
    target-domain text vs the other domains, against each run's final rank map.
 
+Every training run (the base, each fine-tune) is `examples/pretrain_gpt.py @examples/cpu.args
+...` (Megatron-LM's loop plus the DR-LoRA plugin) under torchrun with one process; RUN/command.txt
+holds the command, RUN/train.log its output, RUN/iter_*/ the checkpoint. Per-run figures come from
+the run's files: seconds per iteration and the validation loss from Megatron-LM's log, DR-LoRA
+seconds per step from drlora_steps.jsonl, growth events from drlora_ranks.jsonl. The validation
+loss before fine-tuning is one `--skip-train` run per seed (runs/before_sN/) with the fine-tune
+flags: LoRA's B starts at zero, so it is the base model on that seed's validation split for
+every variant. The evaluator builds its model from the run's flags (parse_megatron_args +
+MoEModelArgs.from_megatron_args) and the DR-LoRA config from the checkpoint's DR-LoRA state.
+
 Output: OUT/quality.md (tables, mean +- std over seeds) and OUT/quality.json (every run).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -71,10 +79,15 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _run_tool(cmd: List[str], log_path: str) -> None:
-    _say(f"$ {' '.join(shlex.quote(c) for c in cmd)}")
+def _run_tool(cmd: List[str], log_path: str, echo: bool = True) -> None:
+    """A command (a tool, or torchrun) in a subprocess outside this process's single-process
+    world, its output into log_path."""
+    if echo:
+        _say(f"$ {' '.join(shlex.quote(c) for c in cmd)}")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT"):
         env.pop(key, None)
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -82,13 +95,19 @@ def _run_tool(cmd: List[str], log_path: str) -> None:
         raise SystemExit(f"step failed (exit {proc.returncode}); log: {log_path}")
 
 
+def _by_len(items, length) -> List[List]:
+    """`items` grouped by length(item), so each group batches without padding."""
+    groups: Dict[int, List] = {}
+    for item in items:
+        groups.setdefault(length(item), []).append(item)
+    return list(groups.values())
+
+
 def _mean_std(values: Sequence[float]):
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    mean = sum(values) / len(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
+    return sum(values) / len(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,27 +199,42 @@ def prepare_data(args, out: str) -> Dict:
 
 
 # --------------------------------------------------------------------------------------------
-# 2./3. training (the training entry, in this process)
+# 2./3. training: examples/pretrain_gpt.py (Megatron-LM's loop + DR-LoRA) under torchrun
 # --------------------------------------------------------------------------------------------
+ENTRY = os.path.join(REPO, "examples", "pretrain_gpt.py")
+
+
+def _loop_flags(iters: int, save_dir: str) -> List[str]:
+    # No evaluation inside the loop, one after training: Megatron-LM then builds the validation
+    # set and reads its batches exactly as a `--skip-train` run of the same flags does, so the
+    # losses before and after fine-tuning are over the same tokens. One checkpoint, at the end.
+    return ["--train-iters", str(iters), "--log-interval", str(max(1, min(50, iters // 4))),
+            "--eval-interval", str(iters + 1), "--eval-iters", "4",
+            "--save", save_dir, "--save-interval", str(iters)]
+
+
 def model_flags(args, paths) -> List[str]:
-    return ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+    # Megatron-LM defaults overridden: dropout, linear biases, weight decay, loader workers.
+    return ["@" + os.path.join(REPO, "examples", "cpu.args"),
+            "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
             "--ffn-hidden-size", str(2 * args.hidden_size), "--num-attention-heads", "4",
             "--num-experts", str(args.num_experts), "--moe-router-topk", str(args.topk),
             "--moe-ffn-hidden-size", str(args.moe_ffn_hidden_size), "--swiglu",
             "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-            "--seq-length", "64", "--micro-batch-size", str(args.batch_size),
+            "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--weight-decay", "0", "--num-workers", "0",
+            "--seq-length", "64", "--max-position-embeddings", "64",
+            "--micro-batch-size", str(args.batch_size),
             "--global-batch-size", str(args.batch_size),
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", paths["tokenizer"],
-            "--split", "90,10,0"]
+            "--split", "90,10,0", "--ckpt-format", "torch_dist"]
 
 
 def base_flags(args, paths, base_dir: str) -> List[str]:
     return model_flags(args, paths) + [
-        "--data-path", paths["mixed"], "--seed", "1234",
-        "--train-iters", str(args.base_iters), "--lr", "3e-3", "--min-lr", "3e-4",
+        "--data-path", paths["mixed"], "--seed", "1234", "--lr", "3e-3", "--min-lr", "3e-4",
         "--lr-decay-style", "cosine", "--lr-warmup-iters", str(max(1, args.base_iters // 25)),
-        "--moe-aux-loss-coeff", "0.01", "--log-interval", "50",
-        "--save", base_dir, "--drlora-log-dir", base_dir]
+        "--moe-aux-loss-coeff", "0.01"] + _loop_flags(args.base_iters, base_dir)
 
 
 def schedule(args) -> Dict[str, int]:
@@ -213,11 +247,9 @@ def finetune_flags(args, paths, base_dir: str, run_dir: str, variant: str, seed:
     sch = schedule(args)
     flags = model_flags(args, paths) + [
         "--data-path", paths["target"], "--pretrained-checkpoint", base_dir,
-        "--seed", str(1234 + seed), "--train-iters", str(args.finetune_iters),
-        "--lr", str(args.lr), "--lr-decay-style", "linear",
-        "--lr-warmup-iters", str(sch["warmup"]), "--log-interval", "50",
-        "--eval-interval", str(args.finetune_iters), "--eval-iters", "4",
-        "--save", run_dir, "--drlora-log-dir", run_dir, "--drlora-seed", str(1234 + seed)]
+        "--seed", str(1234 + seed), "--lr", str(args.lr), "--lr-decay-style", "linear",
+        "--lr-warmup-iters", str(sch["warmup"]), "--drlora-log-dir", run_dir,
+        "--drlora-seed", str(1234 + seed)] + _loop_flags(args.finetune_iters, run_dir)
     if variant == "uniform_r_target":
         return flags + ["--drlora-method", "uniform", "--drlora-budget", str(args.r_target)]
     if variant == "uniform_r_max":
@@ -235,30 +267,59 @@ def finetune_flags(args, paths, base_dir: str, run_dir: str, variant: str, seed:
     return flags
 
 
-def train(flags: List[str], log_dir: str) -> Dict:
-    """One run of the training entry in this process (stdout into log_dir/train.log)."""
-    from megatron_drlora.training.loop import pretrain
-
-    os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, "command.txt"), "w") as fh:
-        fh.write("python examples/pretrain_gpt.py " + " ".join(shlex.quote(f) for f in flags)
-                 + "\n")
+def launch(flags: List[str], run_dir: str) -> float:
+    """One run of examples/pretrain_gpt.py under torchrun, 1 process: the command goes to
+    RUN/command.txt, stdout and stderr to RUN/train.log. Returns its wall-clock seconds."""
+    os.makedirs(run_dir, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", ENTRY] + flags
+    with open(os.path.join(run_dir, "command.txt"), "w") as fh:
+        fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
     start = time.perf_counter()
-    with open(os.path.join(log_dir, "train.log"), "w") as log, contextlib.redirect_stdout(log):
-        summary = pretrain(flags)
-    seconds = time.perf_counter() - start
-    if summary.get("stopped"):
-        raise SystemExit(f"training in {log_dir} stopped early ({summary['stopped']}); see "
-                         f"{os.path.join(log_dir, 'train.log')}")
-    history = summary["history"]
-    return {"seconds": seconds,
-            "seconds_per_iteration": sum(h["seconds"] for h in history) / max(1, len(history)),
-            "drlora_seconds_per_iteration": (sum(h.get("drlora_seconds", 0.0) for h in history)
-                                             / max(1, len(history))),
-            "final_train_loss": history[-1]["loss"] if history else None,
-            "valid_loss_before": summary.get("initial_valid_loss"),
-            "valid_loss": summary.get("final_valid_loss"),
-            "events": summary.get("events", [])}
+    _run_tool(cmd, os.path.join(run_dir, "train.log"), echo=False)
+    return time.perf_counter() - start
+
+
+_ITERATION = re.compile(r"\biteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): "
+                        r"([0-9.]+).*?\| lm loss: ([0-9.eE+-]+)")
+_VALID = re.compile(r"validation loss at iteration \d+ on validation set \| lm loss value: "
+                    r"([0-9.eE+-]+)")
+
+
+def read_log(log_path: str) -> Dict:
+    """Megatron-LM's log of a run: mean seconds per iteration (its `elapsed time per
+    iteration`, weighted by the iterations each line covers), the last logged training loss
+    (averaged over the last log interval) and the validation loss."""
+    seconds, iterations, train_loss, valid, last = 0.0, 0, None, None, 0
+    for line in open(log_path, errors="replace"):
+        m = _ITERATION.search(line)
+        if m:
+            it = int(m.group(1))
+            seconds += float(m.group(2)) / 1000.0 * (it - last)
+            iterations += it - last
+            last, train_loss = it, float(m.group(3))
+        m = _VALID.search(line)
+        valid = float(m.group(1)) if m else valid
+    return {"seconds_per_iteration": seconds / iterations if iterations else None,
+            "final_train_loss": train_loss, "valid_loss": valid}
+
+
+def _jsonl(path: str) -> List[Dict]:
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def train(flags: List[str], run_dir: str) -> Dict:
+    """A training run and what its files say: Megatron-LM's log, and for DR-LoRA runs
+    drlora_steps.jsonl (seconds per step) and drlora_ranks.jsonl (growth events)."""
+    seconds = launch(flags, run_dir)
+    out = dict(read_log(os.path.join(run_dir, "train.log")), seconds=seconds)
+    steps = _jsonl(os.path.join(run_dir, "drlora_steps.jsonl"))
+    out["drlora_seconds_per_iteration"] = (sum(s["drlora_seconds"] for s in steps)
+                                           / len(steps) if steps else 0.0)
+    ranks = _jsonl(os.path.join(run_dir, "drlora_ranks.jsonl"))
+    out["events"] = [r["iteration"] for r in ranks if r["kind"] == "event"]
+    out["logged_rank_map"] = ranks[-1]["rank_map"] if ranks else None
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,27 +336,38 @@ class Evaluator:
         self.max_new = max_new_tokens
 
     def load(self, flags: List[str], run_dir: Optional[str]):
-        """The model of a run at TP1/EP1: base checkpoint, then adapters + router + rank map."""
+        """The model of a run at TP1/EP1, built from the run's flags: the base checkpoint,
+        then (run_dir) DR-LoRA with the checkpoint's config, its adapters, router, rank map."""
         import torch
+        from megatron.core import dist_checkpointing
 
-        from megatron_drlora.checkpoint import load_base_checkpoint, load_checkpoint
+        from megatron_drlora.checkpoint import drlora_state, load_adapters, load_base_checkpoint
+        from megatron_drlora.checkpoint import resolve
+        from megatron_drlora.config import DRLoRAConfig
         from megatron_drlora.inject import apply_drlora
-        from megatron_drlora.modeling import build_gpt_moe
+        from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+        from megatron_drlora.modeling import MoEModelArgs, build_gpt_moe, padded_vocab_size
+        from megatron_drlora.modeling import transformer_config
         from megatron_drlora.parallel_setup import ParallelSizes, initialize_megatron_parallel
-        from megatron_drlora.training.arguments import parse_args
-        from megatron_drlora.training.loop import _model_args, padded_vocab_size
 
-        args = parse_args(flags)
+        args = parse_megatron_args(flags + ["--tensor-model-parallel-size", "1",
+                                            "--expert-model-parallel-size", "1"])
         initialize_megatron_parallel(ParallelSizes(), seed=args.seed)
-        vocab = padded_vocab_size(self.tokenizer.vocab_size, 1)
-        chunks = build_gpt_moe(_model_args(args, vocab))
+        vocab = padded_vocab_size(self.tokenizer.vocab_size, 1,
+                                  args.make_vocab_size_divisible_by)
+        model_args = MoEModelArgs.from_megatron_args(args, vocab)
+        config = transformer_config(model_args)
+        config.perform_initialization = False
+        chunks = build_gpt_moe(model_args, config)
         load_base_checkpoint(args.pretrained_checkpoint or args.save, chunks)
         handle, rank_map = None, None
-        if args.drlora is not None:
-            handle = apply_drlora(chunks, args.drlora, log=lambda _: None)
-            loaded = load_checkpoint(run_dir, chunks, handle, optimizer=None)
-            rank_map = torch.as_tensor(loaded["drlora"]["rank_map"], dtype=torch.int64)
-            handle.set_rank_map(rank_map)
+        if run_dir is not None:
+            path = resolve(run_dir, "--load")
+            state = drlora_state(dist_checkpointing.load_common_state_dict(path))
+            handle = apply_drlora(chunks, DRLoRAConfig.from_dict(state["config"]),
+                                  log=lambda _: None)
+            loaded = load_adapters(path, chunks, handle)
+            rank_map = torch.as_tensor(loaded["rank_map"], dtype=torch.int64)
         model = chunks[0]
         model.eval()
         return model, handle, rank_map
@@ -323,11 +395,8 @@ class Evaluator:
         domain = self.heldout[0]["domain"]
         encoded = [self._encode(r) for r in self.heldout]
         loss_sum, loss_count = 0.0, 0
-        by_len: Dict[int, List[int]] = {}
-        for i, (p, r) in enumerate(encoded):
-            by_len.setdefault(len(p) + len(r), []).append(i)
         with torch.no_grad():
-            for idx in by_len.values():
+            for idx in _by_len(range(len(encoded)), lambda i: len(sum(encoded[i], []))):
                 for s in range(0, len(idx), batch):
                     chunk = idx[s:s + batch]
                     full = [encoded[i][0] + encoded[i][1] for i in chunk]
@@ -339,11 +408,8 @@ class Evaluator:
                         loss_count += losses.shape[1] - start
             # greedy decoding, prompts of equal length batched together
             correct, samples = 0, []
-            by_len = {}
-            for i, (p, _) in enumerate(encoded):
-                by_len.setdefault(len(p), []).append(i)
             vocab = self.tokenizer.vocab_size
-            for idx in by_len.values():
+            for idx in _by_len(range(len(encoded)), lambda i: len(encoded[i][0])):
                 for s in range(0, len(idx), batch):
                     chunk = idx[s:s + batch]
                     rows = [list(encoded[i][0]) for i in chunk]
@@ -353,11 +419,9 @@ class Evaluator:
                         logits = self._forward(model, rows)
                         nxt = logits[:, -1, :vocab].argmax(dim=-1).tolist()
                         for j, t in enumerate(nxt):
-                            if not done[j]:
-                                if t == self.tokenizer.eod:
-                                    done[j] = True
-                                else:
-                                    outs[j].append(t)
+                            if not done[j] and t != self.tokenizer.eod:
+                                outs[j].append(t)
+                            done[j] = done[j] or t == self.tokenizer.eod
                             rows[j].append(t)
                         if all(done):
                             break
@@ -399,11 +463,7 @@ class Evaluator:
                 for domain, recs in by_domain.items():
                     E = routers[0].weight.shape[0]
                     current["counts"] = torch.zeros(len(routers), E, dtype=torch.float64)
-                    encoded = [sum(self._encode(r), []) for r in recs]
-                    by_len: Dict[int, List[List[int]]] = {}
-                    for e in encoded:
-                        by_len.setdefault(len(e), []).append(e)
-                    for rows in by_len.values():
+                    for rows in _by_len([sum(self._encode(r), []) for r in recs], len):
                         for s in range(0, len(rows), batch):
                             self._forward(model, rows[s:s + batch])
                     counts = current["counts"]
@@ -418,18 +478,12 @@ class Evaluator:
 # 5. where did the ranks go
 # --------------------------------------------------------------------------------------------
 def _spearman(x: List[float], y: List[float]) -> Optional[float]:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return r
+    def ranks(v):  # ties share the mean of their positions
+        first, last = {}, {}
+        for i, value in enumerate(sorted(v)):
+            first.setdefault(value, i)
+            last[value] = i
+        return [(first[value] + last[value]) / 2.0 for value in v]
 
     rx, ry = ranks(x), ranks(y)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
@@ -483,9 +537,7 @@ def allocation_analysis(rank_map, routing: Dict, target: str, r_init: int, topk:
 # tables
 # --------------------------------------------------------------------------------------------
 def _fmt(mean, std, scale=1.0, digits=3) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return "-" if mean is None else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def summarize(results: Dict, args) -> Dict:
@@ -565,17 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-includes-target", action=argparse.BooleanOptionalAction, default=True,
                    help="train the base on the target domain too (default; its held-out "
                         "prompts never), or not (--no-base-includes-target: a new domain)")
-    p.add_argument("--corpus-seed", type=int, default=7)
-    p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts")
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--moe-ffn-hidden-size", type=int, default=128)
-    p.add_argument("--num-experts", type=int, default=16)
-    p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--r-init", type=int, default=2)
-    p.add_argument("--r-target", type=int, default=4)
-    p.add_argument("--r-max", type=int, default=8)
+    for flag, default in (("--corpus-seed", 7), ("--vocab-size", 512), ("--num-layers", 4),
+                          ("--hidden-size", 128), ("--moe-ffn-hidden-size", 128),
+                          ("--num-experts", 16), ("--topk", 2), ("--r-init", 2),
+                          ("--r-target", 4), ("--r-max", 8)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--p-grow", type=float, default=0.5)
     p.add_argument("--grow-interval", type=int, default=None,
                    help="steps between growth events (default finetune_iters // 15)")
@@ -601,7 +648,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     paths = prepare_data(args, out)
 
-    # One single-process "world" for every training run and evaluation in this process.
+    # One single-process "world" for the evaluation in this process (training runs under
+    # torchrun in subprocesses, without these variables).
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     for key in ("LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID"):
@@ -615,8 +663,7 @@ def main(argv=None) -> int:
              "data_settings": json.load(open(os.path.join(out, "data", "settings.json")))}
     stamp_path = os.path.join(base_dir, "bench_settings.json")
     if args.fresh or not (os.path.isfile(stamp_path) and json.load(open(stamp_path)) == stamp):
-        if os.path.isdir(base_dir):
-            shutil.rmtree(base_dir)
+        shutil.rmtree(base_dir, ignore_errors=True)
         _say(f"> base: {args.base_iters} iterations on "
              f"{'all domains' if args.base_includes_target else 'all domains but the target'}"
              f" -> {base_dir}")
@@ -624,7 +671,7 @@ def main(argv=None) -> int:
         with open(stamp_path, "w") as fh:
             json.dump(stamp, fh)
         _say(f"  done in {base_train['seconds']:.0f} s, final train loss "
-             f"{base_train['final_train_loss']:.3f}")
+             f"{base_train['final_train_loss']}, validation loss {base_train['valid_loss']}")
     else:
         _say(f"> base: reusing {base_dir}")
 
@@ -638,23 +685,37 @@ def main(argv=None) -> int:
 
     settings = {k: getattr(args, k) for k in (
         "target_domain", "finetune_iters", "base_iters", "lr", "batch_size", "num_per_domain",
-        "finetune_records", "base_includes_target",
-        "corpus_seed", "vocab_size", "eval_prompts", "num_layers", "hidden_size",
-        "moe_ffn_hidden_size", "num_experts", "topk", "r_init", "r_target", "r_max", "p_grow")}
+        "finetune_records", "base_includes_target", "corpus_seed", "vocab_size", "eval_prompts",
+        "num_layers", "hidden_size", "moe_ffn_hidden_size", "num_experts", "topk", "r_init",
+        "r_target", "r_max", "p_grow")}
     settings.update(seeds=list(range(args.seeds)), variants=args.variants,
                     schedule=schedule(args))
     results = {"settings": settings, "base": base_scores, "base_routing": base_routing,
                "runs": []}
     for seed in range(args.seeds):
+        # Validation loss before fine-tuning: the fine-tune flags with --skip-train. LoRA's B
+        # starts at zero, so the adapted model is the base: one run serves every variant.
+        before_dir = os.path.join(out, "runs", f"before_s{seed}")
+        shutil.rmtree(before_dir, ignore_errors=True)
+        _say(f"> validation loss before fine-tuning, seed {seed} (--skip-train) -> {before_dir}")
+        launch(finetune_flags(args, paths, base_dir, before_dir, args.variants[0], seed)
+               + ["--skip-train"], before_dir)
+        before = read_log(os.path.join(before_dir, "train.log"))["valid_loss"]
+        if before is None:
+            raise SystemExit(f"{before_dir}/train.log: Megatron-LM printed no validation loss")
         for variant in args.variants:
             run_dir = os.path.join(out, "runs", f"{variant}_s{seed}")
-            if os.path.isdir(run_dir):
-                shutil.rmtree(run_dir)  # the rank log appends: start clean
+            shutil.rmtree(run_dir, ignore_errors=True)  # no stale checkpoints or logs
             flags = finetune_flags(args, paths, base_dir, run_dir, variant, seed)
             _say(f"> fine-tune {variant} seed {seed} -> {run_dir}")
-            record = {"variant": variant, "seed": seed, "run_dir": run_dir}
+            record = {"variant": variant, "seed": seed, "run_dir": run_dir,
+                      "valid_loss_before": before}
             record.update(train(flags, run_dir))
             model, handle, rank_map = evaluator.load(flags, run_dir)
+            logged = record.pop("logged_rank_map")
+            if logged is not None and logged != rank_map.tolist():
+                raise SystemExit(f"{run_dir}: the checkpoint's rank map differs from the last "
+                                 f"one in drlora_ranks.jsonl")
             record.update(evaluator.score(model))
             L, E, M = handle.rank_map_shape()
             total_rank = int(rank_map.sum())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -42,8 +43,8 @@ def run(cmd, log_path=None) -> None:
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
-            if line.startswith((" [", " growth", " validation", "> ", "wrote")) or \
-                    "Error" in line:
+            if line.startswith((" [", " growth", " validation", "> DR-LoRA", "wrote")) \
+                    or "Error" in line:
                 print(line.rstrip(), flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"step failed (exit {proc.returncode}); full log: {log_path}")
@@ -84,56 +85,86 @@ def main(argv=None) -> int:
              "--tokenizer-model", tok + ".model", "--output-prefix",
              os.path.join(data, name), "--append-eod"])
 
-    model = ["--num-layers", "4", "--hidden-size", "128", "--ffn-hidden-size", "256",
+    model = ["@" + os.path.join(REPO, "examples", "cpu.args"),
+             "--num-layers", "4", "--hidden-size", "128", "--ffn-hidden-size", "256",
              "--num-attention-heads", "4", "--num-experts", "16", "--moe-router-topk", "2",
              "--moe-ffn-hidden-size", "128", "--swiglu", "--normalization", "RMSNorm",
-             "--position-embedding-type", "rope", "--seq-length", "64",
+             "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+             "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
+             "--seq-length", "64", "--max-position-embeddings", "64",
              "--micro-batch-size", "8", "--global-batch-size", "32",
              "--expert-model-parallel-size", str(args.nproc),
+             "--moe-token-dispatcher-type", "alltoall",
              "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok + ".model",
-             "--split", "90,10,0", "--seed", "1234"]
+             "--split", "90,10,0", "--seed", "1234", "--ckpt-format", "torch_dist"]
     base_dir = os.path.join(out, "base")
     run(torchrun(args.nproc) + model + [
         "--data-path", os.path.join(data, "mixed_text_document"),
         "--train-iters", str(args.base_iters), "--lr", "3e-3", "--min-lr", "3e-4",
         "--lr-decay-style", "cosine", "--lr-warmup-iters", "20", "--moe-aux-loss-coeff", "0.01",
         "--log-interval", "50", "--eval-interval", str(args.base_iters), "--eval-iters", "4",
-        "--save", base_dir, "--drlora-log-dir", base_dir], os.path.join(out, "base.log"))
+        "--save", base_dir, "--save-interval", str(args.base_iters)],
+        os.path.join(out, "base.log"))
+    base_loss = validation_losses(os.path.join(out, "base.log"))[-1][1]
 
     ft_dir = os.path.join(out, "drlora")
     warmup = max(1, args.finetune_iters // 15)
-    run(torchrun(args.nproc) + model + [
+    finetune = model + [
         "--data-path", os.path.join(data, "target_text_document"),
         "--pretrained-checkpoint", base_dir,
         "--train-iters", str(args.finetune_iters), "--lr", "2e-3", "--lr-decay-style", "linear",
-        "--lr-warmup-iters", str(warmup), "--log-interval", "25",
-        "--eval-interval", str(args.finetune_iters), "--eval-iters", "4",
+        "--lr-warmup-iters", str(warmup), "--weight-decay", "0", "--log-interval", "25",
+        # evaluated once, after training, on the same batches as the --skip-train run below
+        "--eval-interval", str(args.finetune_iters + 1), "--eval-iters", "4",
         "--drlora-budget", "8", "--drlora-p-grow", "0.5",
         "--drlora-grow-interval", str(max(2, args.finetune_iters // 15)),
-        "--drlora-grow-buffer", str(warmup),
-        "--save", ft_dir, "--save-interval", str(args.finetune_iters // 2)],
+        "--drlora-grow-buffer", str(warmup), "--drlora-log-dir", ft_dir]
+    # The adapted model before any step (B = 0: exactly the base) on the target data.
+    run(torchrun(args.nproc) + finetune + ["--skip-train"], os.path.join(out, "before.log"))
+    before = validation_losses(os.path.join(out, "before.log"))[-1][1]
+    run(torchrun(args.nproc) + finetune + ["--save", ft_dir, "--save-interval",
+                                           str(args.finetune_iters // 2)],
         os.path.join(out, "drlora.log"))
+    after = validation_losses(os.path.join(out, "drlora.log"))[-1][1]
 
-    run([py, "tools/plot_ranks.py", os.path.join(ft_dir, "drlora_ranks.jsonl")])
-    summary = json.load(open(os.path.join(ft_dir, "run_summary.json")))
-    base = json.load(open(os.path.join(base_dir, "run_summary.json")))
-    print(f"\nbase model validation loss (all domains): {base['final_valid_loss']:.4f}")
+    records = [json.loads(line) for line in open(os.path.join(ft_dir, "drlora_ranks.jsonl"))]
+    final = records[-1]["rank_map"]
+    summary = {"base_valid_loss": base_loss, "valid_loss_before": before,
+               "valid_loss_after": after, "seconds": time.time() - start,
+               "events": [r["iteration"] for r in records if r["kind"] == "event"],
+               "final_rank_map": final}
+    with open(os.path.join(out, "demo_summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(f"\nbase model validation loss (all domains): {base_loss:.4f}")
     print("\n" + "=" * 78)
     print(f"DR-LoRA demo finished in {time.time() - start:.0f} s ({args.nproc} processes, CPU)")
     print(f"  base model ({args.base_iters} iterations, all domains): {base_dir}")
     print(f"  adapter checkpoint ({args.finetune_iters} iterations on '{args.target_domain}'): "
-          f"{ft_dir}/iter_{summary['iteration']:07d}")
-    print(f"  rank log: {summary['rank_log']}")
+          f"{ft_dir}/iter_{args.finetune_iters:07d}")
+    print(f"  rank log: {os.path.join(ft_dir, 'drlora_ranks.jsonl')}")
     print(f"  heatmap:  {os.path.join(ft_dir, 'drlora_rank_heatmap.png')}")
     print(f"  growth:   {os.path.join(ft_dir, 'drlora_rank_growth.png')}")
-    print(f"  '{args.target_domain}' validation loss: before {summary['initial_valid_loss']:.4f}"
-          f" -> after {summary['final_valid_loss']:.4f}")
+    print(f"  '{args.target_domain}' validation loss: before {before:.4f} -> after {after:.4f}")
     print(f"  growth events at iterations {summary['events']}")
     print("  final ranks per MoE layer (mean / min / max over 16 experts x up,down):")
-    for row in summary["final_ranks_per_layer"]:
-        print(f"    layer {row['moe_layer']}: {row['mean']:.2f} / {row['min']} / {row['max']}")
+    for layer, rows in enumerate(final):
+        ranks = [r for expert in rows for r in expert]
+        print(f"    layer {layer}: {sum(ranks) / len(ranks):.2f} / {min(ranks)} / {max(ranks)}")
     print("=" * 78)
     return 0
+
+
+def validation_losses(log_path: str):
+    """(iteration, lm loss) of every validation line Megatron-LM printed into a log."""
+    found = []
+    for line in open(log_path):
+        m = re.search(r"validation loss at iteration (\d+) on validation set \| lm loss value: "
+                      r"([0-9.eE+-]+)", line)
+        if m:
+            found.append((int(m.group(1)), float(m.group(2))))
+    if not found:
+        raise SystemExit(f"{log_path}: Megatron-LM printed no validation loss")
+    return found
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Checkpoints: adapter-only dist_checkpointing saves with the DR-LoRA state, written atomically.
+"""DR-LoRA's own checkpoint pieces; saving and resuming a run is Megatron-LM's job.
 
-Layout (Megatron-like): `SAVE/iter_0000100/` and `SAVE/latest_checkpointed_iteration.txt`.
-A checkpoint is written into `iter_0000100.tmp/` and renamed only after every rank finished,
-and the tracker file is replaced atomically afterwards, so a crash or kill during a save leaves
-the previous checkpoint (and the tracker pointing at it) intact.
+- `adapter_sharded_state_dict`: the adapter factors as ShardedTensors keyed by global identity
+  (`drlora.layers.{layer}.{projection}_{A|B}`, experts sharded over EP, the base layer's
+  dimension over expert-TP), so a checkpoint loads under any TP/EP/PP layout. Megatron-LM's
+  checkpointing writes them through `megatron_lm.checkpoint_view`.
+- `drlora_state`: the DR-LoRA state (config, rank map, saliency EMAs) of a checkpoint's common
+  state, wherever Megatron-LM put it (`model` or `model0`).
+- `load_base_checkpoint`: a frozen base (a Megatron-LM save, or a converted HF model) into
+  possibly adapted chunks, requesting only Megatron's own keys.
+- `load_adapters`: adapters, trained router and rank map of a DR-LoRA checkpoint, for
+  evaluation and export (no optimizer).
+- `save_base_checkpoint`: a full model as a base (the HF importer), crash-safe: written to a
+  temporary directory, fsynced, renamed, and only then named by the tracker.
 
-- DR-LoRA runs save only what trains: the adapter factors (keyed by global layer, global expert
-  and projection, so they load under any TP/EP/PP layout), the router if trained, the optimizer,
-  the scheduler and the DR-LoRA state (rank map, saliency EMAs). The frozen base comes from
-  `--pretrained-checkpoint`.
-- Runs without DR-LoRA (making a base) save the whole model.
-- The base is loaded into an adapted model without ever seeing adapter keys: the adapter banks
-  contribute nothing to Megatron's own sharded_state_dict.
+Layout (Megatron-LM's): `ROOT/iter_0000100/` and `ROOT/latest_checkpointed_iteration.txt`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from megatron_drlora import comm
 
 TRACKER = "latest_checkpointed_iteration.txt"
+STATE_KEY = "drlora_state"
 
 
 class CheckpointError(RuntimeError):
@@ -60,14 +63,46 @@ def latest_iteration(root: str) -> Optional[int]:
     return iteration
 
 
+def resolve(path: str, flag: str, iteration: Optional[int] = None) -> str:
+    """A save root (latest or `iteration`) or an iter_* directory -> the iteration directory."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{flag} {path}: no such directory")
+    if iteration is not None:
+        path = iteration_dir(path, iteration)
+    elif os.path.isfile(os.path.join(path, TRACKER)):
+        path = iteration_dir(path, latest_iteration(path))
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{flag} {path}: not a dist_checkpointing checkpoint (no "
+                              f"metadata.json; give a save root with {TRACKER} or an iter_* "
+                              f"directory)")
+    return path
+
+
+def read_common_state(path: str) -> Dict:
+    """A checkpoint's common (non-tensor) state, without a process group."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(path)
+
+
+def drlora_state(common: Dict) -> Optional[Dict]:
+    """The DR-LoRA state in a checkpoint's common state dict; None for a plain model."""
+    for key in ("model", "model0"):
+        value = common.get(key)
+        if isinstance(value, dict) and STATE_KEY in value:
+            return value[STATE_KEY]
+    return None
+
+
 # --- sharded state dicts ------------------------------------------------------------------
-def adapter_sharded_state_dict(handle) -> Dict:
-    """ShardedTensors of every local adapter factor, keyed by global identity."""
+def adapter_sharded_state_dict(handle, layers=None) -> Dict:
+    """ShardedTensors of every local adapter factor (of `layers`, default all), keyed by global
+    identity (global layer, projection; the expert dimension is sharded over EP)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     out = {}
     edp_rank = comm.expert_data_parallel_rank()
-    for layer in handle.layers:
+    for layer in handle.layers if layers is None else layers:
         bank = layer.bank
         num_local = len(bank.global_expert_ids)
         ep_size = bank.num_global_experts // num_local
@@ -88,54 +123,144 @@ def adapter_sharded_state_dict(handle) -> Dict:
 def _model_sharded_state_dict(chunks) -> Dict:
     out = {}
     for i, chunk in enumerate(chunks):
-        sd = chunk.sharded_state_dict()
+        sd = type(chunk).sharded_state_dict(chunk)  # the class's: never the DR-LoRA view
         out.update(sd if len(chunks) == 1 else {f"model{i}.{k}": v for k, v in sd.items()})
     return out
 
 
-def trainable_sharded_state_dict(chunks, handle) -> Dict:
-    """What a run saves: adapters + trained router (DR-LoRA) or the whole model (no DR-LoRA)."""
-    if handle is None:
-        return _model_sharded_state_dict(chunks)
-    out = adapter_sharded_state_dict(handle)
-    if handle.config.router != "frozen":
-        for chunk in chunks:
-            for key, value in chunk.sharded_state_dict().items():
-                if ".mlp.router." in key:
-                    out[key] = value
+@torch.no_grad()
+def _assign(request: Dict, loaded: Dict) -> None:
+    """Copy loaded tensors into the live parameters the sharded tensors wrapped."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    missing = [k for k, v in request.items() if isinstance(v, ShardedTensor) and k not in loaded]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for key, item in request.items():
+        if isinstance(item, ShardedTensor):
+            value = loaded[key]
+            if value.data_ptr() != item.data.data_ptr():  # some strategies load in place
+                item.data.copy_(value)
+
+
+# --- load -----------------------------------------------------------------------------------
+def load_base_checkpoint(path: str, chunks) -> None:
+    """Load a frozen base into possibly adapted chunks. Only Megatron's own keys are
+    requested (adapter banks are never involved), so the base may come from any layout."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve(path, "--pretrained-checkpoint")
+    common = dist_checkpointing.load_common_state_dict(path)
+    if drlora_state(common) is not None or common.get("drlora_checkpoint_kind") == "adapters":
+        raise CheckpointError(f"--pretrained-checkpoint {path} holds DR-LoRA adapters, not a "
+                              f"base model; pass it to --load instead")
+    request = _model_sharded_state_dict(chunks)
+    repadded = _vocab_repadding(request, dist_checkpointing.load_tensors_metadata(path))
+    try:
+        loaded = dist_checkpointing.load(request, path)
+    except _load_failures() as e:
+        raise CheckpointError(f"--pretrained-checkpoint {path}: does not fit this model "
+                              f"({type(e).__name__}: {e}); check the model flags (layers, "
+                              f"hidden size, experts, vocabulary) against the base") from e
+    for key, target in repadded.items():
+        _copy_vocab_rows(loaded[key], target)
+    _assign({k: v for k, v in request.items() if k not in repadded}, loaded)
+
+
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _vocab_repadding(request: Dict, meta: Dict) -> Dict:
+    """Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP, so
+    a base saved at another TP has another number of padding rows. For those tensors the
+    request becomes the whole saved tensor; returns {key: the rank's ShardedTensor} to fill
+    from it (padding rows are zero)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    for key, sharded in list(request.items()):
+        if not isinstance(sharded, ShardedTensor) or not sharded.key.endswith(_VOCAB_KEYS):
+            continue
+        saved = meta.get(sharded.key)
+        if saved is None or tuple(saved.global_shape) == tuple(sharded.global_shape):
+            continue
+        if tuple(saved.global_shape[1:]) != tuple(sharded.global_shape[1:]):
+            continue  # a real mismatch: let the load report it
+        whole = torch.empty(tuple(saved.global_shape), dtype=sharded.data.dtype)
+        request[key] = ShardedTensor.from_rank_offsets(sharded.key, whole, replica_id=0)
+        out[key] = sharded
     return out
 
 
-# --- save -----------------------------------------------------------------------------------
-def save_checkpoint(root: str, iteration: int, chunks, handle=None, optimizer=None,
-                    extra: Optional[Dict] = None) -> str:
-    """Write iteration's checkpoint atomically; returns its directory."""
+@torch.no_grad()
+def _copy_vocab_rows(whole: torch.Tensor, target) -> None:
+    start, rows = target.global_offset[0], target.local_shape[0]
+    piece = whole[start:start + rows]
+    target.data.zero_()
+    target.data[:piece.shape[0]].copy_(piece)
+
+
+def load_adapters(path: str, chunks, handle, iteration: Optional[int] = None) -> Dict:
+    """Adapters (+ trained router) and the rank map of a DR-LoRA checkpoint into `handle`'s
+    model, under any parallel layout. Returns the DR-LoRA state."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve(path, "--load", iteration)
+    state = drlora_state(dist_checkpointing.load_common_state_dict(path))
+    if state is None or "rank_map" not in state:
+        raise CheckpointError(f"--load {path}: no DR-LoRA state (rank map) in the checkpoint; "
+                              f"a base model goes to --pretrained-checkpoint")
+    request = adapter_sharded_state_dict(handle)
+    if handle.config.router != "frozen":
+        for key, value in _model_sharded_state_dict(handle.chunks).items():
+            if ".mlp.router." in key:
+                request[key] = value
+    try:
+        loaded = dist_checkpointing.load(request, path)
+    except _load_failures() as e:
+        raise CheckpointError(f"--load {path}: could not load the adapters "
+                              f"({type(e).__name__}: {e}); was it saved for this model and "
+                              f"these DR-LoRA settings?") from e
+    _assign(request, loaded)
+    handle.set_rank_map(torch.as_tensor(state["rank_map"], dtype=torch.int64))
+    return state
+
+
+# --- save (bases only) ------------------------------------------------------------------------
+def _fsync_tree(path: str) -> None:
+    for directory, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_base_checkpoint(root: str, chunks, iteration: int = 0) -> str:
+    """Write the whole model as a base under `root` (Megatron-LM's layout); returns the
+    iteration directory. At every instant the tracker names nothing or a complete checkpoint;
+    an existing iteration directory is never replaced."""
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
+    if os.path.exists(final):  # replacing it could leave the tracker naming nothing
+        raise CheckpointError(f"--save {root}: {final} already exists; write the base to a new "
+                              f"directory")
     rank = comm.world_rank()
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a killed save
         os.makedirs(tmp)
     _barrier()
-    model_sd = trainable_sharded_state_dict(chunks, handle)
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
-    state.update(extra or {})
-    state["iteration"] = iteration
-    state["drlora_checkpoint_kind"] = "adapters" if handle is not None else "full"
-    dist_checkpointing.save(state, tmp)
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
+    dist_checkpointing.save({"model": _model_sharded_state_dict(chunks),
+                             "iteration": iteration}, tmp)
     _barrier()
     if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        _fsync_tree(tmp)
         os.replace(tmp, final)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as fh:
@@ -143,6 +268,11 @@ def save_checkpoint(root: str, iteration: int, chunks, handle=None, optimizer=No
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     _barrier()
     return final
 
@@ -152,124 +282,3 @@ def _barrier():
         import torch.distributed as dist
 
         dist.barrier()
-
-
-# --- load -----------------------------------------------------------------------------------
-def load_checkpoint(root: str, chunks, handle=None, optimizer=None, load_optimizer=True,
-                    iteration: Optional[int] = None) -> Dict:
-    """Load adapters (or the whole model), the optimizer and the common state; returns the
-    common state (iteration, scheduler, drlora, ...)."""
-    from megatron.core import dist_checkpointing
-
-    if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
-            raise CheckpointError(f"--load {root}: no {TRACKER}; nothing to resume from")
-    path = iteration_dir(root, iteration)
-    kind = "adapters" if handle is not None else "full"
-    model_sd = trainable_sharded_state_dict(chunks, handle)
-    request = {"model": model_sd}
-    if optimizer is not None and load_optimizer:
-        request["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True,
-            metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
-    common = dist_checkpointing.load_common_state_dict(path)
-    saved_kind = common.get("drlora_checkpoint_kind")
-    if saved_kind != kind:
-        raise CheckpointError(
-            f"--load {path}: a '{saved_kind}' checkpoint, but this run needs '{kind}' "
-            f"({'give --drlora-* settings' if saved_kind == 'adapters' else 'a DR-LoRA run saves adapters'}"
-            f"; a base for fine-tuning goes to --pretrained-checkpoint)")
-    try:
-        loaded = dist_checkpointing.load(request, path)
-    except _load_failures() as e:  # re-raised with the checkpoint named
-        raise CheckpointError(f"--load {path}: could not load ({type(e).__name__}: {e}); "
-                              f"was it saved for this model and these DR-LoRA settings?") from e
-    _assign(model_sd, loaded["model"])
-    if "optimizer" in request:
-        optimizer.load_state_dict(loaded["optimizer"])
-    rng_file = os.path.join(path, "rng", f"rank{comm.world_rank():05d}.pt")
-    loaded["rng_file"] = rng_file if os.path.isfile(rng_file) else None
-    return loaded
-
-
-@torch.no_grad()
-def _assign(request: Dict, loaded: Dict) -> None:
-    """Copy loaded tensors into the live parameters the sharded tensors wrapped."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    for key, item in request.items():
-        if isinstance(item, ShardedTensor) and key in loaded:
-            value = loaded[key]
-            if value.data_ptr() != item.data.data_ptr():  # some strategies load in place
-                item.data.copy_(value)
-    missing = [k for k, v in request.items() if isinstance(v, ShardedTensor) and k not in loaded]
-    if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-
-
-def load_base_checkpoint(path: str, chunks) -> None:
-    """Load a frozen base (full-model checkpoint dir or a save root) into possibly adapted
-    chunks. Only Megatron's own keys are requested; adapter banks are never involved."""
-    from megatron.core import dist_checkpointing
-
-    if os.path.isfile(os.path.join(path, TRACKER)):
-        path = iteration_dir(path, latest_iteration(path))
-    if not os.path.isdir(path):
-        raise CheckpointError(f"--pretrained-checkpoint {path}: no such directory")
-    common = dist_checkpointing.load_common_state_dict(path)
-    if common.get("drlora_checkpoint_kind", "full") != "full":
-        raise CheckpointError(f"--pretrained-checkpoint {path} holds DR-LoRA adapters, not a "
-                              f"base model; pass it to --load instead")
-    model_sd = _model_sharded_state_dict(chunks)
-    request = {"model": model_sd} if "model" in _saved_top_keys(path) else model_sd
-    try:
-        loaded = dist_checkpointing.load(request, path)
-    except _load_failures() as e:
-        raise CheckpointError(f"--pretrained-checkpoint {path}: does not fit this model "
-                              f"({type(e).__name__}: {e}); check the model flags (layers, "
-                              f"hidden size, experts) against the base") from e
-    _assign(model_sd, loaded.get("model", loaded))
-
-
-def _saved_top_keys(path: str):
-    from megatron.core import dist_checkpointing
-
-    try:
-        meta = dist_checkpointing.load_tensors_metadata(path)
-    except Exception:  # noqa: BLE001
-        return {"model"}
-    return {k.split(".", 1)[0] for k in meta}
-
-
-# --- RNG ------------------------------------------------------------------------------------
-def rng_state() -> Dict:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(path: Optional[str]) -> None:
-    if not path:
-        return
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["torch"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def load_adapters(root: str, chunks, handle, iteration: Optional[int] = None) -> Dict:
-    """Adapters (+ trained router) and the rank map of a DR-LoRA checkpoint, for evaluation or
-    export under any parallel layout (no optimizer state). Returns the common state."""
-    loaded = load_checkpoint(root, chunks, handle, optimizer=None, iteration=iteration)
-    state = loaded.get("drlora")
-    if not state or "rank_map" not in state:
-        raise CheckpointError(f"{root}: no DR-LoRA state (rank map) in the checkpoint")
-    handle.set_rank_map(torch.as_tensor(state["rank_map"], dtype=torch.int64))
-    return loaded

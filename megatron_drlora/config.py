@@ -3,7 +3,7 @@
 The dataclass is the single source of truth: the `--drlora-*` command-line flags, the YAML file
 format and the defaults all come from its fields, so a new setting is added in exactly one place.
 Defaults follow the paper (arXiv 2601.04823, Table 6 and section 3); see
-`shared/design/algorithm.md` for the decisions taken where the paper is ambiguous.
+docs/design.md for the decisions taken where the paper is ambiguous.
 """
 
 from __future__ import annotations

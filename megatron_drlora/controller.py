@@ -12,6 +12,7 @@ every rank; this class only wires it to the model, the statistics and comm.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -25,6 +26,11 @@ from megatron_drlora.saliency import SaliencyState
 from megatron_drlora.schedule import GrowthSchedule
 from megatron_drlora.statistics import RoutingStatistics, local_sensitivity
 
+logger = logging.getLogger("megatron_drlora")
+
+# What a run started from saved adapters must share with them: the factors' shapes.
+SHAPE_SETTINGS = ("r_max", "targets")
+
 
 @dataclass
 class StepReport:
@@ -37,6 +43,7 @@ class StepReport:
     layer_max: List[int] = field(default_factory=list)
     layer_mean: List[float] = field(default_factory=list)
     grown: int = 0  # module-ranks activated at this event
+    dropped: str = ""  # why this step's statistics did not enter the EMAs
 
     def log_line(self) -> str:
         per_layer = " ".join(f"L{l}:{lo}-{hi}" for l, (lo, hi) in
@@ -61,10 +68,17 @@ class DRLoRAController:
         handle.set_rank_map(self.rank_map)
         self.routing = RoutingStatistics(handle)
         self.events: List[Dict] = []
+        self._pending = None
+        self._collect_seconds = 0.0
         self._edp_rank = comm.expert_data_parallel_rank()
-        # With the distributed optimizer each expert-DP rank owns a shard of the reduced grads.
+        self._grad_masks = {}
+        self.attach_ddp_models(ddp_models)
+
+    def attach_ddp_models(self, ddp_models) -> None:
+        """The DDP-wrapped chunks: with the distributed optimizer each expert-DP rank owns a
+        shard of the reduced gradients, and only that shard is counted."""
         self._grad_masks = distributed_optimizer_grad_masks(ddp_models,
-                                                            list(handle.lora_parameters()))
+                                                            list(self.handle.lora_parameters()))
 
     # --- which shards count ----------------------------------------------------------------
     def _contributes(self, sharded_attr: str):
@@ -80,26 +94,61 @@ class DRLoRAController:
 
     # --- the step --------------------------------------------------------------------------
     def after_gradients(self, step: int) -> StepReport:
+        """collect() and finish() in one call, for loops whose optimizer step never skips."""
+        self.collect(step)
+        return self.finish(step, stepped=True)
+
+    def collect(self, step: int, loss_scale: float = 1.0) -> None:
+        """After the step's gradients are reduced, before the optimizer step: freeze the router
+        if due, and reduce this step's statistics (one fused all-reduce). Nothing enters the
+        EMAs until finish() says the optimizer really stepped. `loss_scale` (fp16) divides the
+        rank importance so it is measured on unscaled gradients."""
         start = time.perf_counter()
         cfg = self.config
-        report = StepReport(step=step, router_trainable=self.schedule.router_trainable(step))
-        if not report.router_trainable:
+        if not self.schedule.router_trainable(step):
             self._zero_router_grads()
+        self._pending = None
         if cfg.method == "drlora":
-            need_grads = cfg.saliency != "frequency"
             routed = self.routing.routed if cfg.frequency == "weight" else self.routing.counts
             tensors = [routed, self.routing.tokens]
-            if need_grads:
+            if cfg.saliency != "frequency":
                 tensors += list(local_sensitivity(self.handle, self._contributes("a_sharded"),
                                                   self._contributes("b_sharded"),
                                                   self._grad_masks))
             reduced = comm.reduce_step_statistics(*tensors)
-            l1_a, l1_b = (reduced[2], reduced[3]) if need_grads else (None, None)
-            self.saliency.update(reduced[0], reduced[1], l1_a, l1_b, self.rank_map, cfg.beta)
+            if len(reduced) == 4 and loss_scale != 1.0:
+                reduced[2] = reduced[2] / loss_scale
+                reduced[3] = reduced[3] / loss_scale
+            self._pending = (step, reduced)
+        self.routing.reset()
+        self._collect_seconds = time.perf_counter() - start
+
+    def finish(self, step: int, stepped: bool) -> StepReport:
+        """After the optimizer step. `stepped` False (Megatron skipped the update: NaN/inf
+        gradient, fp16 loss-scale overflow) drops the step's statistics; a non-finite statistic
+        is dropped too, with a warning naming the step. A growth event due at this step runs
+        either way, on the EMAs as they stand."""
+        start = time.perf_counter()
+        report = StepReport(step=step, router_trainable=self.schedule.router_trainable(step))
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending_step, reduced = pending
+            if pending_step != step:
+                raise RuntimeError(f"DR-LoRA statistics of step {pending_step} finished as "
+                                   f"step {step}: collect() and finish() out of order")
+            l1_a, l1_b = (reduced[2], reduced[3]) if len(reduced) == 4 else (None, None)
+            if not stepped:
+                report.dropped = "the optimizer skipped this step"
+            elif not self.saliency.update(reduced[0], reduced[1], l1_a, l1_b, self.rank_map,
+                                          self.config.beta):
+                report.dropped = "non-finite routing or rank-importance statistics"
+            if report.dropped:
+                logger.warning("DR-LoRA: step %d statistics dropped (%s); the saliency EMAs "
+                               "keep their previous values", step, report.dropped)
             if self.schedule.is_event(step):
                 self._grow(step, report)
-        self.routing.reset()
-        report.seconds = time.perf_counter() - start
+        report.seconds = self._collect_seconds + time.perf_counter() - start
+        self._collect_seconds = 0.0
         return report
 
     def _grow(self, step: int, report: StepReport) -> None:
@@ -131,28 +180,43 @@ class DRLoRAController:
                     grad.zero_()
 
     # --- checkpoints -----------------------------------------------------------------------
+    def settings(self) -> Dict:
+        """The resolved settings that shape the run: what a resume must not change."""
+        cfg, sched = self.config, self.schedule
+        return {"method": cfg.method, "budget": cfg.budget, "r_init": cfg.rank_init,
+                "r_max": cfg.rank_max, "alpha": cfg.lora_alpha, "targets": list(cfg.targets),
+                "dropout": cfg.dropout, "beta": cfg.beta, "gamma": cfg.gamma,
+                "p_grow": cfg.p_grow, "grow_interval": cfg.grow_interval,
+                "grow_buffer": cfg.grow_buffer, "allocation": cfg.allocation,
+                "saliency": cfg.saliency, "frequency": cfg.frequency, "router": cfg.router,
+                "seed": cfg.seed, "t_warmup": sched.t_warmup, "train_iters": sched.train_iters}
+
     def state_dict(self) -> Dict:
         return {
             "rank_map": self.rank_map.clone(),
             "saliency": self.saliency.state_dict(),
             "config": self.config.to_dict(),
-            "schedule": {"train_iters": self.schedule.train_iters,
-                         "t_warmup": self.schedule.t_warmup},
+            "settings": self.settings(),
             "num_events": len(self.events),
         }
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: Dict, new_run: bool = False) -> None:
+        """Restore a saved state. Resuming (`new_run` False) refuses a state saved with other
+        settings, naming each; a new run started from saved adapters (`new_run`, Megatron's
+        --finetune) needs only the same r_max and targets and starts its EMAs afresh."""
         rank_map = torch.as_tensor(state["rank_map"], dtype=torch.int64)
         if tuple(rank_map.shape) != tuple(self.rank_map.shape):
             raise ValueError(f"checkpoint rank map {tuple(rank_map.shape)} does not fit this "
                              f"model's {tuple(self.rank_map.shape)} (MoE layers, experts, "
                              f"projections)")
-        saved = state.get("config", {})
-        for key in ("budget", "r_init", "r_max", "targets", "method"):
-            if key in saved and saved[key] != self.config.to_dict()[key]:
-                raise ValueError(f"checkpoint was trained with DR-LoRA {key}={saved[key]!r}, "
-                                 f"this run has {self.config.to_dict()[key]!r}; use the same "
-                                 f"--drlora-* settings to resume")
-        self.saliency.load_state_dict(state["saliency"])
+        saved, now = state.get("settings", {}), self.settings()
+        keys = SHAPE_SETTINGS if new_run else tuple(now)
+        differ = [f"{k} {saved.get(k)!r} (this run: {now[k]!r})" for k in keys
+                  if saved.get(k) != now[k]]
+        if differ:
+            raise ValueError("the checkpoint was made with other DR-LoRA settings: "
+                             + ", ".join(differ))
+        if not new_run:
+            self.saliency.load_state_dict(state["saliency"])
         self.rank_map = rank_map
         self.handle.set_rank_map(rank_map)

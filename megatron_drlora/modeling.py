@@ -68,6 +68,46 @@ class MoEModelArgs:
     layernorm_epsilon: float = 1e-5
 
 
+    @classmethod
+    def from_megatron_args(cls, args, vocab_size: int) -> "MoEModelArgs":
+        """The model settings of a Megatron-LM argument namespace (see
+        megatron_lm.arguments.parse_megatron_args), with `vocab_size` already padded."""
+        return cls(
+            num_layers=args.num_layers, hidden_size=args.hidden_size,
+            ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", True) else None,
+            num_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_router_topk=args.moe_router_topk, moe_layer_freq=args.moe_layer_freq,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_router_score_function=args.moe_router_score_function,
+            qk_layernorm=args.qk_layernorm, qk_layernorm_scope=args.qk_layernorm_scope,
+            add_qkv_bias=args.add_qkv_bias, kv_channels=args.kv_channels,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=args.moe_shared_expert_gate, swiglu=args.swiglu,
+            normalization=args.normalization, layernorm_epsilon=args.layernorm_epsilon,
+            position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+            vocab_size=vocab_size, seq_length=args.max_position_embeddings or args.seq_length,
+            untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+            sequence_parallel=args.sequence_parallel, bf16=args.bf16,
+            init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout)
+
+
+def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
+    """The converter's vocabulary padding: a multiple of lcm(divisible_by, TP), the same for
+    every TP that divides `divisible_by`. (Megatron-LM pads to divisible_by x TP; the base
+    loader moves the padding rows either way.)"""
+    multiple = math.lcm(divisible_by, tp)
+    return int(math.ceil(vocab / multiple) * multiple)
+
+
 def transformer_config(args: MoEModelArgs):
     """The Megatron TransformerConfig for these settings (CPU-safe fusions off without CUDA)."""
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -2,7 +2,7 @@
 
 Pure integer arithmetic (no torch, no torch.distributed, no Megatron), so every rank computes the
 identical schedule from the same flags and the planning tool can run anywhere. See
-`shared/design/algorithm.md` section 5 for the spec this module implements.
+the paper (arXiv 2601.04823), Eq. 10-12 and Table 10, for what this module implements.
 
 Step convention: steps are 0-based optimizer iteration indices. The event at step t happens after
 the gradients of step t are reduced and before step t's optimizer update, so "after step t" in

@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore")
 
+from megatron_drlora.compat.megatron import prepare_import  # noqa: E402
+
+prepare_import()  # before any test module imports megatron (Python 3.11, no triton)
+
 
 def free_port() -> int:
     with socket.socket() as s:

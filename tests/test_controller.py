@@ -5,7 +5,7 @@ import torch
 
 from megatron_drlora import DRLoRAConfig
 from megatron_drlora.controller import DRLoRAController
-from tests.tiny import batch, build, tiny_args
+from tests.tiny import batch, build, randomize_adapters, tiny_args
 
 pytestmark = pytest.mark.usefixtures("megatron_single")
 
@@ -109,5 +109,57 @@ def test_state_dict_round_trip_and_mismatch_error():
     chunks3, handle3 = build(args, DRLoRAConfig(budget=12, grow_interval=1, grow_buffer=0,
                                                 warmup_iters=0))
     third = DRLoRAController(handle3, train_iters=6, warmup_iters=0)
-    with pytest.raises(ValueError, match="budget=8"):
+    with pytest.raises(ValueError, match=r"budget 8 \(this run: 12\), r_init 4 \(this run: 6\)"):
         third.load_state_dict(state)
+    other.load_state_dict(state, new_run=True)  # --finetune: only the shapes must agree
+
+
+def _one_step(chunks, controller, step, scale=1.0):
+    """Forward/backward of one batch, then collect(): what finalize_model_grads_func does."""
+    args = tiny_args()
+    model = chunks[0]
+    for p in model.parameters():
+        p.grad = None
+    tokens, pos, labels = batch(args, batch_size=4, seed=step)
+    (scale * model(tokens, pos, None, labels=labels).float().mean()).backward()
+    controller.collect(step, loss_scale=scale)
+
+
+def test_skipped_or_nonfinite_step_leaves_the_saliency_untouched_but_events_still_run():
+    args = tiny_args()
+    cfg = DRLoRAConfig(budget=8, grow_interval=2, grow_buffer=0, warmup_iters=1)
+    chunks, handle = build(args, cfg)
+    controller = DRLoRAController(handle, train_iters=6, warmup_iters=None)
+    _one_step(chunks, controller, 0)
+    controller.finish(0, stepped=True)
+    before = {k: v.clone() for k, v in controller.saliency.state_dict().items()}
+    _one_step(chunks, controller, 1)                  # step 1 is a growth event
+    report = controller.finish(1, stepped=False)      # ... that Megatron skipped
+    assert report.dropped == "the optimizer skipped this step" and report.event
+    after = controller.saliency.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in ("frequency", "updates"))
+    # non-finite statistics (an inf gradient): dropped with the EMAs unchanged
+    _one_step(chunks, controller, 2)
+    handle.layers[0].bank.factor("up", "A").grad.view(-1)[0] = float("inf")
+    controller.collect(2)
+    snapshot = {k: v.clone() for k, v in controller.saliency.state_dict().items()}
+    report = controller.finish(2, stepped=True)
+    assert report.dropped.startswith("non-finite")
+    assert all(torch.equal(snapshot[k], v) for k, v in controller.saliency.state_dict().items())
+
+
+def test_loss_scale_is_divided_out_of_the_rank_importance():
+    """fp16: gradients are scaled by the loss scale; the importance must not be."""
+    args = tiny_args()
+    cfg = DRLoRAConfig(budget=8, grow_interval=2, grow_buffer=0, warmup_iters=1)
+    results = []
+    for scale in (1.0, 1024.0):
+        chunks, handle = build(args, cfg)
+        randomize_adapters(handle, scale=0.1)
+        controller = DRLoRAController(handle, train_iters=6, warmup_iters=None)
+        _one_step(chunks, controller, 0, scale=scale)
+        controller.finish(0, stepped=True)
+        results.append(controller.saliency.state_dict()["importance"].clone())
+    ref = results[0]
+    assert ref.abs().max() > 0
+    assert torch.allclose(results[1], ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))

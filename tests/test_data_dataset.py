@@ -21,6 +21,7 @@ from megatron_drlora.data.dataset import (
     DataConfigError,
     PretrainingBatchSampler,
     TokenizerMismatchError,
+    blend_cache_needs_process_group,
     build_data_iterator,
     build_gpt_datasets,
     check_tokenizer_matches,
@@ -30,7 +31,11 @@ from megatron_drlora.data.dataset import (
     train_valid_test_num_samples,
 )
 from megatron_drlora.data.synthetic import generate, write_jsonl
-from megatron_drlora.data.tokenizer import load_tokenizer
+from megatron_drlora.data.tokenizer import (
+    build_megatron_tokenizer,
+    load_tokenizer,
+    megatron_tokenizer_args,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 32
@@ -124,8 +129,25 @@ def test_mask_gathered_through_the_same_indices_as_tokens(data):
     train, valid, _ = build(data)
     for ds in (train, valid):
         for i in range(len(ds)):
-            text, _ = ds._query_document_sample_shuffle_indices(i)
-            assert numpy.array_equal(ds.gather(ds.dataset, i), text)
+            # megatron-core 0.16 returns (text, document ids), 0.19 adds document lengths
+            text = ds._query_document_sample_shuffle_indices(i)[0]
+            gathered = ds.gather(ds.dataset, i)
+            real = gathered != -1  # gather pads with -1, GPTDataset with its pad id
+            assert numpy.array_equal(gathered[real], text[real])
+            assert (text[~real] == ds._pad_token_id).all()
+
+
+def test_same_samples_with_megatrons_tokenizer(data, tmp_path):
+    """Training passes Megatron's own tokenizer object; samples and loss masks are the same."""
+    tok = build_megatron_tokenizer(megatron_tokenizer_args(
+        "SentencePieceTokenizer", str(data["dir"] / "tok.model")))
+    ours, _, _ = build(data, sizes=(20, 4, 0))
+    theirs, _, _ = build_gpt_datasets([data["inst"]], "90,10,0", SEQ, 1234, tok, (20, 4, 0),
+                                      data_cache_path=str(tmp_path))
+    assert len(ours) == len(theirs)
+    for i in range(len(ours)):
+        for key in ("tokens", "labels", "loss_mask"):
+            assert torch.equal(ours[i][key], theirs[i][key]), key
 
 
 def test_eod_semantics(data):
@@ -178,6 +200,10 @@ def test_blend_with_cache_path_without_torch_distributed(data, tmp_path):
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["30", "6"]
+    if not blend_cache_needs_process_group():  # megatron-core 0.19: the cache path is used
+        cached = os.listdir(tmp_path)
+        assert any("BlendedDataset" in f for f in cached), cached
+        assert any("LossMaskedGPTDataset" in f for f in cached), cached
 
 
 def test_seeded(data, tmp_path):
@@ -220,6 +246,29 @@ def test_tokenizer_mismatch(data, tmp_path):
     assert other.vocab_size == data["tok"].vocab_size
     with pytest.raises(TokenizerMismatchError, match="sha256"):
         check_tokenizer_matches(data["inst"], other)
+
+    # what training hands over: Megatron's own tokenizer, bare or through setup's adapter
+    from types import SimpleNamespace
+
+    from megatron_drlora.megatron_lm.setup import _TokenizerIdentity
+
+    def megatron(kind, model=None, vocab_size=None):
+        args = megatron_tokenizer_args(kind, model, vocab_size)
+        return build_megatron_tokenizer(args), args
+
+    for tok, args in (megatron("SentencePieceTokenizer", str(d / "tok.model")),
+                      megatron("Llama2Tokenizer", str(d / "tok.model"))):
+        check_tokenizer_matches(data["inst"], tok)
+        check_tokenizer_matches(data["inst"], _TokenizerIdentity(tok, args))
+    tok, args = megatron("SentencePieceTokenizer", str(tmp_path / "other.model"))
+    with pytest.raises(TokenizerMismatchError, match="sha256"):
+        check_tokenizer_matches(data["inst"], _TokenizerIdentity(tok, args))
+    tok, args = megatron("NullTokenizer", vocab_size=96)  # same size, eod 95 instead of 2
+    with pytest.raises(TokenizerMismatchError, match="eod is 95"):
+        check_tokenizer_matches(data["inst"], _TokenizerIdentity(tok, args))
+    no_eod = SimpleNamespace(vocab_size=96, eod=None, model_path=None)
+    with pytest.raises(TokenizerMismatchError, match="eod is None"):
+        check_tokenizer_matches(data["inst"], no_eod)
 
     # data without a meta file (e.g. made by Megatron-LM): the id range check still works
     bare = str(tmp_path / "bare_text_document")

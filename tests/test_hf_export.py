@@ -36,10 +36,9 @@ def _adapted_checkpoint(family, base, save, targets):
     """A DR-LoRA checkpoint as a run saves it: random adapters, a grown (heterogeneous) rank
     map, a changed router; returns the Megatron logits of the adapted model."""
     from megatron_drlora import DRLoRAConfig
-    from megatron_drlora.checkpoint import save_checkpoint
     from megatron_drlora.hf import verify
     from megatron_drlora.inject import apply_drlora
-    from tests.tiny import grown_rank_map, randomize_adapters
+    from tests.tiny import grown_rank_map, randomize_adapters, save_adapter_checkpoint
 
     margs = verify.model_args_from_file(os.path.join(base, "model.args"), SEQ)
     chunks, _ = verify.build_megatron(margs, base)
@@ -53,8 +52,7 @@ def _adapted_checkpoint(family, base, save, targets):
         for layer in handle.layers:
             w = layer.moe_layer.router.weight
             w.add_(0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(layer.layer)))
-    save_checkpoint(save, 7, chunks, handle,
-                    extra={"drlora": {"rank_map": rank_map, "config": cfg.to_dict()}})
+    save_adapter_checkpoint(save, 7, chunks, handle, rank_map)
     return base_logits, rank_map
 
 
@@ -207,6 +205,7 @@ def _torchrun(script, args):
 def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path):
     from megatron.core import dist_checkpointing
 
+    from megatron_drlora.checkpoint import drlora_state
     from megatron_drlora.hf import verify
 
     hf_dir = make_hf_model("olmoe", str(tmp_path / "hf"), seed=3)
@@ -214,16 +213,20 @@ def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path
     _cli(_torchrun(REPO / "tools" / "convert_hf_to_megatron.py",
                    ["--hf-path", hf_dir, "--save", base, "--expert-model-parallel-size", "2"]))
     log = _cli(_torchrun(REPO / "examples" / "pretrain_gpt.py", [
-        f"@{base}/model.args", "--pretrained-checkpoint", base, "--expert-model-parallel-size",
-        "2", "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "8",
+        f"@{REPO / 'examples' / 'cpu.args'}", f"@{base}/model.args",
+        "--pretrained-checkpoint", base, "--expert-model-parallel-size", "2",
+        "--moe-token-dispatcher-type", "alltoall", "--tokenizer-type", "NullTokenizer",
+        "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "8",
         "--train-iters", "8", "--mock-data", "--lr", "2e-2", "--lr-warmup-iters", "2",
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0",
+        "--ckpt-format", "torch_dist",
         "--log-interval", "4", "--save", run, "--save-interval", "8",
         "--drlora-budget", "4", "--drlora-rank-init", "2", "--drlora-rank-max", "8",
         "--drlora-p-grow", "0.5", "--drlora-grow-interval", "2", "--drlora-grow-buffer", "1",
         "--drlora-targets", "up,down"]))
     assert "growth event at step" in log
     common = dist_checkpointing.load_common_state_dict(str(run / "iter_0000008"))
-    rank_map = torch.as_tensor(common["drlora"]["rank_map"])
+    rank_map = torch.as_tensor(drlora_state(common)["rank_map"])
     assert len(set(rank_map.flatten().tolist())) > 1  # heterogeneous ranks
     export = [sys.executable, REPO / "tools" / "export_to_hf.py", "--load", run,
               "--hf-path", hf_dir]

@@ -1,7 +1,7 @@
 """The sbatch scripts and args files: syntax, lint, argument assembly, and the signal chain.
 
 The last test runs the real scripts locally with stand-ins for `srun` and `scontrol`: batch
-shell -> srun -> per-node bash -> torchrun -> 2 CPU workers using PreemptionHandler. It checks
+shell -> srun -> per-node bash -> torchrun -> 2 CPU workers that stop on a signal. It checks
 that SIGUSR1 sent to the batch shell (what `--signal=B:USR1@300` does) reaches the workers
 while torchrun survives, that the job exits 0 and requeues itself, and that SIGTERM sent to
 the step's task (what SLURM does on scancel) stops the workers without a requeue.
@@ -115,10 +115,12 @@ def test_args_file_drlora_flags_are_valid(path):
 
 @pytest.mark.parametrize("path", ARGS_FILES, ids=lambda p: p.name)
 def test_args_file_is_accepted_by_the_entry_point(path):
-    arguments = pytest.importorskip("megatron_drlora.training.arguments")
+    pytest.importorskip("megatron.training")
+    from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+
     tokens, _ = _flag_values(path)
-    # What the sbatch script adds; parse_args also runs the entry point's validation.
-    args = arguments.parse_args(tokens + ["--save", "/ckpt", "--load", "/ckpt"])
+    # What the sbatch script adds; Megatron-LM's parser plus DR-LoRA's flags take them all.
+    args = parse_megatron_args(tokens + ["--save", "/ckpt", "--load", "/ckpt"])
     assert args.save == args.load == "/ckpt"
 
 
@@ -170,7 +172,8 @@ def test_dry_run_assembles_the_command(script, tmp_path):
     assert cmd[node + 1:] == file_tokens + ["--drlora-config", str(cfg),
                                             "--pretrained-checkpoint", "/base",
                                             "--save", "/ck/run", "--load", "/ck/run",
-                                            "--train-iters", "5"]
+                                            "--exit-signal-handler", "--exit-signal",
+                                            "SIGUSR1", "--train-iters", "5"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -204,18 +207,19 @@ FAKE_SCONTROL = """#!/bin/bash
 echo "$*" >> "$E2E_OUT/scontrol.log"
 """
 FAKE_TRAIN = """
-import os, sys, time
-from megatron_drlora.launch.preemption import PreemptionHandler
-handler = PreemptionHandler().install()
+import os, signal, sys, time
+received = []  # what Megatron-LM's --exit-signal-handler does: note it, stop at a boundary
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda s, f: received.append(signal.Signals(s).name))
 out, rank = os.environ["E2E_OUT"], os.environ["RANK"]
 with open(f"{out}/ready.{rank}", "w") as f:
     f.write(str(os.getppid()))  # torchrun's pid
 deadline = time.time() + 30
-while not handler.requested() and time.time() < deadline:
+while not received and time.time() < deadline:
     time.sleep(0.02)  # one "training step"
 with open(f"{out}/stopped.{rank}", "w") as f:
-    f.write(str(handler.signal_name))
-sys.exit(0 if handler.requested() else 3)
+    f.write(received[0] if received else "None")
+sys.exit(0 if received else 3)
 """
 
 
@@ -299,6 +303,7 @@ def test_signal_chain_end_to_end(tmp_path):
     assert "--master-port" in usr1_text and "parallel layout OK" in usr1_text
 
     assert term_rc == 0, term_text
-    assert [(term_out / f"stopped.{r}").read_text() for r in (0, 1)] == ["SIGTERM"] * 2
+    # forwarded as USR1: Megatron-LM's exit handler listens to that one signal
+    assert [(term_out / f"stopped.{r}").read_text() for r in (0, 1)] == ["SIGUSR1"] * 2
     assert not (term_out / "scontrol.log").exists(), "a SIGTERM must not requeue the job"
     assert "SIGTERM: SLURM is stopping the job" in term_text

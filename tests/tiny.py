@@ -65,3 +65,26 @@ def grown_rank_map(handle, seed: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     shape = handle.rank_map_shape()
     return torch.randint(1, handle.config.rank_max + 1, shape, generator=g)
+
+
+def save_adapter_checkpoint(root: str, iteration: int, chunks, handle, rank_map) -> str:
+    """A DR-LoRA checkpoint with the structure Megatron-LM writes through
+    megatron_lm.checkpoint_view (adapters, router, DR-LoRA state in the common state), for
+    export tests that need one without a training run."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_drlora.checkpoint import STATE_KEY, adapter_sharded_state_dict, iteration_dir
+
+    model = adapter_sharded_state_dict(handle)
+    for key, value in chunks[0].sharded_state_dict().items():
+        if ".mlp.router." in key:
+            model[key] = value
+    model[STATE_KEY] = {"config": handle.config.to_dict(), "rank_map": rank_map.clone()}
+    path = iteration_dir(root, iteration)
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save({"model": model, "iteration": iteration}, path)
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as fh:
+        fh.write(str(iteration))
+    return path

@@ -3,7 +3,7 @@
 Megatron-Core assumes CUDA in a handful of places. This module is the only place in the project
 that works around that; nothing here runs when CUDA is available (`enable_cpu_support` returns
 without touching anything). Each patch names the Megatron code that needs it. Measured with
-megatron-core 0.16.1 and 0.19.x on torch 2.13 (see shared/reference/cpu-prototype).
+megatron-core 0.16.1 and 0.19.x on torch 2.13.
 
 Use:
     from megatron_drlora.compat import cpu
@@ -17,6 +17,7 @@ Use:
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import importlib.util
 import sys
 import types
@@ -52,26 +53,40 @@ class _NoStream:
         return False
 
 
+class _PagedStashStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Provides `megatron.core.transformer.moe.ops.paged_stash` without triton, when (and
+    only when) Megatron imports it."""
+
+    NAME = "megatron.core.transformer.moe.ops.paged_stash"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.NAME:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return None  # the default module object
+
+    def exec_module(self, module):
+        def _cuda_only(*args, **kwargs):
+            raise RuntimeError("paged_stash triton kernels need CUDA (megatron-drlora CPU stub)")
+
+        module.GLOBAL_BLOCK_SIZE = 1024
+        module.paged_stash_copy_kernel = _cuda_only
+        module.paged_stash_pop_kernel = _cuda_only
+
+
 def preimport() -> None:
     """megatron-core 0.19 imports `moe/ops/paged_stash.py`, which imports triton unconditionally.
 
-    Its CUDA kernels never run on CPU, so a stub module is registered instead of installing
-    triton (~1 GB). Must run before the first `import megatron.core`.
+    Its CUDA kernels never run on CPU, so an import hook supplies a stub module instead of
+    installing triton (~1 GB); nothing of megatron is imported here. Must run before the first
+    `import megatron.core`.
     """
     if not cuda_missing() or importlib.util.find_spec("triton") is not None:
         return
-    name = "megatron.core.transformer.moe.ops.paged_stash"
-    if name in sys.modules:
-        return
-    stub = types.ModuleType(name)
-    stub.GLOBAL_BLOCK_SIZE = 1024
-
-    def _cuda_only(*args, **kwargs):
-        raise RuntimeError("paged_stash triton kernels need CUDA (megatron-drlora CPU stub)")
-
-    stub.paged_stash_copy_kernel = _cuda_only
-    stub.paged_stash_pop_kernel = _cuda_only
-    sys.modules[name] = stub
+    if not any(isinstance(f, _PagedStashStub) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PagedStashStub())
 
 
 def enable_cpu_support() -> bool:
@@ -326,3 +341,76 @@ def adjust_model_config(config) -> None:
     if not cuda_missing():
         return
     config.batch_p2p_comm = False
+
+
+def _pretend_one_device(function):
+    """Run `function` with torch.cuda.device_count() == 1 and set_device a no-op."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        saved = torch.cuda.device_count, torch.cuda.set_device
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.set_device = lambda *a, **k: None
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.cuda.device_count, torch.cuda.set_device = saved
+
+    return wrapper
+
+
+def enable_training_loop_cpu_support() -> bool:
+    """Let Megatron-LM's own loop (`megatron.training.pretrain`, megatron-core >= 0.17) run on
+    CPU/gloo, on top of enable_cpu_support(). Each patch names the megatron/training code it
+    works around (0.19.2 line numbers). Returns True when active (no CUDA)."""
+    global _TRAINING_ENABLED
+    if not enable_cpu_support():
+        return False
+    if _TRAINING_ENABLED:
+        return True
+    _TRAINING_ENABLED = True
+    import functools
+
+    from megatron.core import parallel_state as mpu
+    from megatron.core import rerun_state_machine
+    from megatron.training import arguments, checkpointing, initialize, training
+
+    proxy = _torch_with_cuda_factories_on_cpu()
+    # arguments.validate_args asks the GPU architecture when TP or CP > 1 (to check
+    # CUDA_DEVICE_MAX_CONNECTIONS, which CPU runs do not have): answer "no such limit".
+    arguments.get_device_arch_version = lambda: 10
+    # training.py pretrain -> initialize_megatron asserts torch.cuda.is_available().
+    training.initialize_megatron = functools.partial(initialize.initialize_megatron,
+                                                     allow_no_cuda=True)
+    # initialize._initialize_distributed builds the model-parallel groups only when
+    # device_count() > 0 and calls torch.cuda.set_device.
+    initialize._initialize_distributed = _pretend_one_device(initialize._initialize_distributed)
+    # initialize._set_random_seed seeds the model-parallel RNG tracker only with CUDA devices.
+    original_seed = initialize._set_random_seed
+
+    def _set_random_seed(seed_, data_parallel_random_init=False, *args, **kwargs):
+        original_seed(seed_, data_parallel_random_init, *args, **kwargs)
+        seed = seed_ + 100 * mpu.get_pipeline_model_parallel_rank()
+        if data_parallel_random_init:
+            seed += 10 * mpu.get_data_parallel_rank()
+        model_parallel_seed(seed)
+
+    initialize._set_random_seed = _set_random_seed
+    # initialize._warmup_jit_function allocates device="cuda" tensors for the fusions.
+    initialize._warmup_jit_function = lambda *args, **kwargs: None
+    # training.py, rerun_state_machine.py and checkpointing.py allocate small bookkeeping
+    # tensors with device="cuda" (iteration counters, loss reductions, rerun flags).
+    training.torch = proxy
+    rerun_state_machine.torch = proxy
+    checkpointing.torch = proxy
+    # training.get_model: model_module.cuda(...) and DDP construction on a side CUDA stream.
+    torch.nn.Module.cuda = lambda self, device=None: self
+    torch.cuda.Stream = lambda *args, **kwargs: _NoStream()
+    # rerun_state_machine._save_state and checkpointing.get_rng_state read the "cuda" RNG state
+    # (torch.cuda.set_rng_state is already a lazy no-op on a CPU build).
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    return True
+
+
+_TRAINING_ENABLED = False

@@ -12,6 +12,34 @@ from typing import List, Optional
 import torch
 
 
+def prepare_import() -> None:
+    """Call before the first `import megatron`: megatron/training (0.17+) imports
+    `typing.override`, new in Python 3.12; on 3.11 typing_extensions provides it. Also stubs
+    triton on CPU-only machines (see compat.cpu.preimport)."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+    from megatron_drlora.compat import cpu
+
+    cpu.preimport()
+
+
+def use_prebuilt_dataset_helpers() -> None:
+    """megatron.training's initialize compiles the dataset index helpers with `make` in the
+    installed package; pip wheels ship the compiled helpers_cpp but no Makefile, so that step
+    exits. When the compiled module imports, there is nothing to build."""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return  # a source checkout: let Megatron build it as usual
+    from megatron.core.datasets import utils
+
+    utils.compile_helpers = lambda: None
+
+
 def megatron_version() -> str:
     import megatron.core
 

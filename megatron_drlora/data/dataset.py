@@ -10,8 +10,8 @@ Why this module exists instead of calling megatron-core directly:
 - data made with another tokenizer must fail loudly (`check_tokenizer_matches`), not train on
   garbage ids.
 
-megatron-core 0.16.1 ships its C++ index helpers prebuilt (`helpers_cpp*.so` in
-megatron/core/datasets), so nothing is compiled at runtime; `ensure_dataset_helpers` checks
+megatron-core wheels (0.16.1 to 0.19) ship their C++ index helpers prebuilt (`helpers_cpp*.so`
+in megatron/core/datasets), so nothing is compiled at runtime; `ensure_dataset_helpers` checks
 for it and says what to do when a source install lacks it.
 """
 
@@ -140,12 +140,23 @@ def read_meta(prefix: str) -> Optional[dict]:
         return json.load(f)
 
 
-def _tokenizer_file(tokenizer) -> Optional[str]:
+def _tokenizer_path(tokenizer) -> Optional[str]:
+    """The model file or Hugging Face directory behind `tokenizer` (ours, Megatron's, or
+    setup._TokenizerIdentity), if it names one that exists."""
     for attr in ("model_path", "tokenizer_path", "path"):
         value = getattr(tokenizer, attr, None)
-        if isinstance(value, str) and os.path.isfile(value):
+        if isinstance(value, str) and value and os.path.exists(value):
             return value
     return None
+
+
+def _tokenizer_sha256(tokenizer) -> Optional[str]:
+    sha = getattr(tokenizer, "sha256", None)
+    if isinstance(sha, str):
+        return sha
+    from megatron_drlora.data.tokenizer import tokenizer_sha256
+
+    return tokenizer_sha256(_tokenizer_path(tokenizer))
 
 
 def _max_token_id(prefix: str) -> int:
@@ -163,39 +174,46 @@ def _max_token_id(prefix: str) -> int:
 def check_tokenizer_matches(prefix: str, tokenizer, scan_tokens: bool = True) -> None:
     """Raise TokenizerMismatchError if `prefix` was not tokenized with `tokenizer`.
 
-    Uses the meta sidecar when present (sha256 of the model file, vocab size, eod id), and with
-    `scan_tokens` also checks that every token id is < tokenizer.vocab_size, which catches data
-    from another tokenizer even without a sidecar (e.g. made by Megatron-LM's own tool).
+    `tokenizer`: anything with `vocab_size` and `eod` (None: it has none) and optionally a
+    `model_path`/`path` (a SentencePiece .model file or a Hugging Face directory) or `sha256`:
+    this package's SentencePieceTokenizer, a Megatron tokenizer from `build_tokenizer`
+    (NullTokenizer included), or megatron_lm.setup's adapter of one.
+
+    Uses the meta sidecar when present (vocab size, eod id, and the sha256 of the .model file
+    or tokenizer.json when both sides have a model file), and with `scan_tokens` also checks
+    that every token id is < tokenizer.vocab_size, which catches data from another tokenizer
+    even without a sidecar (e.g. made by Megatron-LM's own tool).
     """
+    from megatron_drlora.data.tokenizer import tokenizer_eod
+
     check_dataset_prefix(prefix)
     fix = ("re-run tools/preprocess_data.py with the training tokenizer, or train with the "
-           "tokenizer the data was made with (--tokenizer-model)")
+           "tokenizer the data was made with (--tokenizer-type/--tokenizer-model)")
+    vocab_size = int(tokenizer.vocab_size)
     meta = read_meta(prefix)
     if meta is not None:
-        if int(meta["vocab_size"]) != int(tokenizer.vocab_size):
+        made_with = meta.get("tokenizer_model") or meta.get("tokenizer_type")
+        if int(meta["vocab_size"]) != vocab_size:
             raise TokenizerMismatchError(
                 f"{prefix}: made with a tokenizer of vocab size {meta['vocab_size']} "
-                f"({meta.get('tokenizer_model')}), training tokenizer has "
-                f"{tokenizer.vocab_size}; {fix}")
-        sha = getattr(tokenizer, "sha256", None)
-        if sha is None and _tokenizer_file(tokenizer) is not None:
-            from megatron_drlora.data.tokenizer import file_sha256
-
-            sha = file_sha256(_tokenizer_file(tokenizer))
-        if sha is not None and meta.get("tokenizer_sha256") not in (None, sha):
+                f"({made_with}), training tokenizer has {vocab_size}; {fix}")
+        sha = _tokenizer_sha256(tokenizer) if meta.get("tokenizer_sha256") else None
+        if sha is not None and meta["tokenizer_sha256"] != sha:
             raise TokenizerMismatchError(
-                f"{prefix}: made with tokenizer {meta.get('tokenizer_model')} (sha256 "
+                f"{prefix}: made with tokenizer {made_with} (sha256 "
                 f"{meta['tokenizer_sha256'][:12]}...), training tokenizer "
-                f"{_tokenizer_file(tokenizer)} has sha256 {sha[:12]}...; {fix}")
-        if "eod" in meta and int(meta["eod"]) != int(tokenizer.eod):
+                f"{_tokenizer_path(tokenizer)} has sha256 {sha[:12]}...; {fix}")
+        eod = tokenizer_eod(tokenizer)
+        if meta.get("eod") is not None and meta.get("append_eod", True) and (
+                eod is None or int(meta["eod"]) != eod):
             raise TokenizerMismatchError(
                 f"{prefix}: documents end with token {meta['eod']} but the training "
-                f"tokenizer's eod is {tokenizer.eod}; {fix}")
+                f"tokenizer's eod is {eod}; {fix}")
     if scan_tokens:
         top = _max_token_id(prefix)
-        if top >= int(tokenizer.vocab_size):
+        if top >= vocab_size:
             raise TokenizerMismatchError(
-                f"{prefix}: contains token id {top} >= vocab size {tokenizer.vocab_size} of the "
+                f"{prefix}: contains token id {top} >= vocab size {vocab_size} of the "
                 f"training tokenizer; {fix}")
 
 
@@ -250,6 +268,8 @@ class LossMaskedGPTDataset(GPTDataset):
         Walks the same (document, offset) span that GPTDataset reads the tokens from; the
         tests check that gathering from the token dataset reproduces the sample's tokens.
         """
+        if self.shuffle_index is None:  # indices mapped on first access (defer_npy_index_mmap)
+            self._query_document_sample_shuffle_indices(idx)
         i = self.shuffle_index[idx]
         doc_beg, off_beg = (int(x) for x in self.sample_index[i])
         doc_end, off_end = (int(x) for x in self.sample_index[i + 1])
@@ -324,6 +344,23 @@ def _check_splits_nonempty(prefixes: Sequence[str], split_matrix, sizes) -> None
                     f"in --split, or a 0 share for it")
 
 
+def blend_cache_needs_process_group() -> bool:
+    """Whether megatron-core's BlendedDataset fails to cache without torch.distributed.
+
+    0.16.1 calls torch.distributed.get_rank() on a cache miss whenever a cache path is set;
+    0.19 asks is_initialized() first. Unknown source: assume the old behaviour.
+    """
+    import inspect
+
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    try:
+        source = inspect.getsource(BlendedDataset._build_indices)
+    except (OSError, TypeError, AttributeError):
+        return True
+    return "get_rank()" in source and "is_initialized()" not in source
+
+
 def _default_is_built_on_rank() -> bool:
     """Every rank builds its own copy (cheap for our data) so no batch broadcast is needed."""
     return True
@@ -376,9 +413,8 @@ def build_gpt_datasets(
                               "split (num_samples must not contain None)")
 
     blended = len(prefixes) > 1 or weights is not None
-    if blended and data_cache_path and not torch.distributed.is_initialized():
-        # megatron-core 0.16.1 BlendedDataset calls torch.distributed.get_rank() on a cache
-        # miss whenever a cache path is set, which fails without a process group.
+    if (blended and data_cache_path and not torch.distributed.is_initialized()
+            and blend_cache_needs_process_group()):
         logger.warning("torch.distributed is not initialized: data_cache_path is ignored for "
                        "this blend; GPTDataset indices go to megatron's default <prefix>/cache "
                        "and the blend indices are rebuilt (cheap)")

@@ -1,20 +1,25 @@
-"""A SentencePiece tokenizer with the small interface Megatron's GPT data path needs.
+"""Tokenizers for the data tools: Megatron's own builder, and a small SentencePiece wrapper.
 
-Why not Megatron's own tokenizer classes: megatron-core's `MegatronTokenizer` API changed
-between 0.16 and 0.19, and the legacy classes print deprecation warnings. GPTDataset only reads
-`vocab_size`, `eod` (and optionally `pad`) and hashes `unique_identifiers` into its index-cache
-names, so a thin wrapper is enough and stays stable across versions.
+`build_megatron_tokenizer` builds a tokenizer exactly as Megatron-LM's training does
+(`megatron.core.tokenizers.utils.build_tokenizer.build_tokenizer` on an argparse Namespace of
+the `--tokenizer-*` flags), so tools/preprocess_data.py writes the ids and eod training uses.
+`DocumentEncoder` turns JSONL records into documents with it, in worker processes too.
 
-`unique_identifiers` includes the model file's sha256: retraining the tokenizer in place
-changes the cache key, so Megatron never reuses sample indices built for other token ids.
+`SentencePieceTokenizer` is a thin wrapper with the interface megatron-core's GPTDataset reads
+(`vocab_size`, `eod`, `unique_identifiers`), kept for `build_gpt_datasets` and tests: it is
+stable across megatron-core versions. Its `unique_identifiers` include the model file's sha256:
+retraining the tokenizer in place changes the cache key, so Megatron never reuses sample
+indices built for other token ids.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
 from collections import OrderedDict
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 
 class TokenizerError(ValueError):
@@ -118,3 +123,227 @@ def load_tokenizer(model_path: str) -> SentencePieceTokenizer:
             "--model-prefix PREFIX (it writes PREFIX.model)"
         )
     return SentencePieceTokenizer(model_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron's tokenizers
+# --------------------------------------------------------------------------------------------
+
+SP_TOKENIZERS = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+PREPROCESS_TOKENIZERS = SP_TOKENIZERS + ("HuggingFaceTokenizer", "NullTokenizer")
+"""--tokenizer-type values tools/preprocess_data.py accepts."""
+
+_TOKENIZER_DEFAULTS = dict(  # megatron.training.config.TokenizerConfig in megatron-core 0.19
+    vocab_size=None, padded_vocab_size=None, pad_vocab_size=True, vocab_file=None,
+    merge_file=None, vocab_extra_ids=0, tokenizer_type=None, tokenizer_model=None,
+    metadata_path=None, special_tokens=None, tiktoken_pattern=None,
+    tiktoken_num_special_tokens=1000, tokenizer_sentencepiece_legacy=False,
+    tokenizer_sentencepiece_ignore_extra_whitespaces=True, tokenizer_hf_no_use_fast=False,
+    tokenizer_hf_no_include_special_tokens=False, trust_remote_code=False,
+    null_tokenizer_eod_id=None, null_tokenizer_pad_id=-1, chat_template=None)
+
+
+def _quiet_import(name: str):
+    """Import a megatron module without its Transformer Engine / Apex warnings."""
+    import importlib
+    import warnings
+
+    import megatron_drlora  # noqa: F401  (the import shim, before megatron)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(name)
+
+
+def tokenizer_defaults() -> dict:
+    """The `--tokenizer-*` defaults of Megatron-LM's training parser."""
+    import dataclasses
+
+    try:
+        config = _quiet_import("megatron.training.config").TokenizerConfig
+        return {f.name: f.default for f in dataclasses.fields(config)}
+    except (ImportError, AttributeError):
+        return dict(_TOKENIZER_DEFAULTS)
+
+
+def megatron_tokenizer_args(tokenizer_type: str, tokenizer_model: Optional[str] = None,
+                            vocab_size: Optional[int] = None, **overrides) -> argparse.Namespace:
+    """The Namespace `build_tokenizer` reads: training's defaults, these values, no padding."""
+    values = tokenizer_defaults()
+    values.update(overrides, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
+                  vocab_size=vocab_size)
+    values["pad_vocab_size"] = False  # padding is the model's business, not the data's
+    return argparse.Namespace(**values)
+
+
+def tokenizer_sha256(model_path: Optional[str]) -> Optional[str]:
+    """Identity of a tokenizer model: sha256 of a model file, or of a Hugging Face directory's
+    tokenizer.json (else its tokenizer.model); None when there is nothing to hash."""
+    if not model_path:
+        return None
+    if os.path.isfile(model_path):
+        return file_sha256(model_path)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.isfile(os.path.join(model_path, name)):
+            return file_sha256(os.path.join(model_path, name))
+    return None
+
+
+def check_tokenizer_args(args) -> None:
+    """TokenizerError (naming the flag) for settings build_tokenizer would reject obscurely."""
+    kind = args.tokenizer_type
+    if kind not in PREPROCESS_TOKENIZERS:
+        raise TokenizerError(
+            f"--tokenizer-type {kind} is not supported by this tool; use one of "
+            f"{', '.join(PREPROCESS_TOKENIZERS)} (for other tokenizers use Megatron-LM's "
+            "tools/preprocess_data.py)")
+    model = args.tokenizer_model
+    if kind == "NullTokenizer":
+        if not args.vocab_size or int(args.vocab_size) <= 0:
+            raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size (the "
+                                 "number of token ids; eod defaults to vocab size - 1)")
+    elif kind == "HuggingFaceTokenizer":
+        if not model or not os.path.isdir(model):
+            raise FileNotFoundError(
+                f"tokenizer model not found: {model!r} (--tokenizer-model must be a local "
+                "Hugging Face tokenizer directory, as written by save_pretrained)")
+    elif not model or not os.path.isfile(model):
+        raise FileNotFoundError(
+            f"tokenizer model not found: {model!r} (--tokenizer-model); "
+            "train one with: python tools/train_tokenizer.py --input DATA.jsonl "
+            "--model-prefix PREFIX (it writes PREFIX.model)")
+
+
+def build_megatron_tokenizer(args):
+    """Megatron-LM training's tokenizer for these `--tokenizer-*` args (a Namespace)."""
+    check_tokenizer_args(args)
+    args = argparse.Namespace(**{**tokenizer_defaults(), **vars(args), "pad_vocab_size": False})
+    build = _quiet_import("megatron.core.tokenizers.utils.build_tokenizer").build_tokenizer
+    try:
+        return build(args)
+    except (OSError, RuntimeError, ValueError, TypeError, AssertionError) as err:
+        raise TokenizerError(f"--tokenizer-type {args.tokenizer_type} --tokenizer-model "
+                             f"{args.tokenizer_model}: cannot load the tokenizer ({err})") from None
+
+
+def tokenizer_eod(tokenizer) -> Optional[int]:
+    """`tokenizer.eod`, or None when it has none (a Hugging Face tokenizer without eos)."""
+    try:
+        eod = tokenizer.eod
+    except (AttributeError, IndexError, KeyError, TypeError, NotImplementedError):
+        return None
+    return None if eod is None or int(eod) < 0 else int(eod)
+
+
+def parse_jsonl_line(path: str, lineno: int, line: str) -> dict:
+    """One JSONL line as a dict; JsonlError naming file and line otherwise."""
+    from megatron_drlora.data.synthetic import JsonlError
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise JsonlError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno}); "
+                         "each line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise JsonlError(f"{path}:{lineno}: expected a JSON object, got "
+                         f"{type(record).__name__}")
+    return record
+
+
+class DocumentEncoder:
+    """JSONL lines -> documents, with Megatron's tokenizer; picklable for worker processes.
+
+    Text mode: one document per key. Instruction mode (keys prompt, response): prompt and
+    response tokenized separately and concatenated, with the count of prompt tokens for the loss
+    mask; a tokenizer that adds leading special tokens (e.g. bos) to every text keeps them on the
+    prompt only. NullTokenizer reads token ids: a JSON list of ints (or a string of
+    space-separated ints, as Megatron-LM's tool takes).
+    """
+
+    def __init__(self, tokenizer_args, mode: str, keys: Sequence[str], append_eod: bool,
+                 path: str, tokenizer=None):
+        self.tokenizer_args = tokenizer_args
+        self.mode, self.keys, self.append_eod, self.path = mode, list(keys), append_eod, path
+        self._tokenizer = tokenizer
+        self._lead = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": None, "_lead": None}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = build_megatron_tokenizer(self.tokenizer_args)
+        return self._tokenizer
+
+    @property
+    def null(self) -> bool:
+        return self.tokenizer_args.tokenizer_type == "NullTokenizer"
+
+    def _error(self, lineno: int, text: str):
+        from megatron_drlora.data.synthetic import JsonlError
+
+        return JsonlError(f"{self.path}:{lineno}: {text}")
+
+    def _ids(self, record: dict, key: str, lineno: int) -> List[int]:
+        from megatron_drlora.data.synthetic import get_field
+
+        if not self.null:
+            return list(self.tokenizer.tokenize(get_field(record, key, self.path, lineno)))
+        if key not in record:
+            get_field(record, key, self.path, lineno)  # raises, naming the fields present
+        value = record[key]
+        if isinstance(value, str):
+            value = [int(x) for x in value.split()] if all(
+                x.isdigit() for x in value.split()) else None
+        if not isinstance(value, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise self._error(lineno, f"field {key!r} must be a list of token ids (ints) for "
+                              "--tokenizer-type NullTokenizer")
+        vocab = int(self.tokenizer.vocab_size)
+        bad = [x for x in value if not 0 <= x < vocab]
+        if bad:
+            raise self._error(lineno, f"field {key!r}: token id {bad[0]} outside [0, {vocab}) "
+                              f"(--vocab-size {vocab})")
+        return value
+
+    def _strip_lead(self, ids: List[int]) -> List[int]:
+        """Drop the special tokens the tokenizer puts before every text (a continuation)."""
+        if self._lead is None:
+            self._lead = [] if self.null else list(self.tokenizer.tokenize(""))
+        n = len(self._lead)
+        return ids[n:] if n and ids[:n] == self._lead else ids
+
+    def encode(self, lineno: int, line: str) -> Optional[List[Tuple[List[int], int]]]:
+        """One JSONL line -> [(ids, prompt_length)] per output dataset; None for a blank line."""
+        if not line.strip():
+            return None
+        record = parse_jsonl_line(self.path, lineno, line)
+        eod = [tokenizer_eod(self.tokenizer)] if self.append_eod else []
+        if self.mode == "instruction":
+            prompt = self._ids(record, "prompt", lineno)
+            response = self._strip_lead(self._ids(record, "response", lineno)) + eod
+            return [(prompt + response, len(prompt))]
+        return [(self._ids(record, key, lineno) + eod, 0) for key in self.keys]
+
+    def encode_chunk(self, chunk: Sequence[Tuple[int, str]]):
+        """[(lineno, line)] -> [(lineno, encode(...), bytes)], blank lines left out."""
+        out = []
+        for lineno, line in chunk:
+            docs = self.encode(lineno, line)
+            if docs is not None:
+                out.append((lineno, docs, len(line)))
+        return out
+
+
+_WORKER_ENCODER: Optional[DocumentEncoder] = None
+
+
+def init_encoder_worker(encoder: DocumentEncoder) -> None:
+    """multiprocessing.Pool initializer: this worker's encoder (its tokenizer built once)."""
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
+
+
+def encode_chunk_in_worker(chunk: Sequence[Tuple[int, str]]):
+    return _WORKER_ENCODER.encode_chunk(chunk)

@@ -48,16 +48,9 @@ def ensure_single_process_group() -> None:
 def resolve_iteration_dir(path: str, flag: str, iteration: Optional[int] = None) -> str:
     """A save root (with latest_checkpointed_iteration.txt) or an iter_* directory -> the
     iteration directory; errors name the flag."""
-    from megatron_drlora.checkpoint import TRACKER, iteration_dir, latest_iteration
+    from megatron_drlora.checkpoint import CheckpointError, resolve
 
-    if not os.path.isdir(path):
-        raise HFInteropError(f"{flag} {path}: no such directory")
-    if iteration is not None:
-        path = iteration_dir(path, iteration)
-    elif os.path.isfile(os.path.join(path, TRACKER)):
-        path = iteration_dir(path, latest_iteration(path))
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise HFInteropError(f"{flag} {path}: not a dist_checkpointing checkpoint (no "
-                             f"metadata.json; give a save root with {TRACKER} or an iter_* "
-                             f"directory)")
-    return path
+    try:
+        return resolve(path, flag, iteration)
+    except CheckpointError as e:
+        raise HFInteropError(str(e)) from None

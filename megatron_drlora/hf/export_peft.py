@@ -1,6 +1,6 @@
 """DR-LoRA checkpoint -> PEFT LoRA adapter with per-expert ranks (`--format peft`).
 
-Two layouts (shared/design/lessons.md, "Export to Hugging Face", verified facts):
+Two layouts (verified against transformers and PEFT, see docs/hf_interop.md):
 
 fused (transformers 5; default). Experts are 3-D parameters `mlp.experts.gate_up_proj` [E, 2I, H]
 and `mlp.experts.down_proj` [E, H, I], targeted through `target_parameters`, one rank per

@@ -3,7 +3,7 @@
 The Megatron model is built at the requested parallel layout (one process per rank, launched
 with torchrun like training), every tensor of its sharded_state_dict is filled from the HF
 tensors it maps to (only this rank's slice is kept), and the model is saved with
-`megatron_drlora.checkpoint.save_checkpoint` as a full-model checkpoint at iteration 0
+`megatron_drlora.checkpoint.save_base_checkpoint` as a full-model checkpoint at iteration 0
 (`SAVE/iter_0000000/` + tracker). dist_checkpointing checkpoints are layout independent, so a
 base converted at EP2 loads at EP1 and vice versa. The vocabulary is padded with zero rows like
 `pretrain_gpt.py` pads it (a multiple of lcm(--make-vocab-size-divisible-by, TP), the same size
@@ -99,9 +99,9 @@ def convert(hf_path: str, save: str, tensor_model_parallel_size: int = 1,
     """Convert; returns {'save', 'args_file', 'flags', 'family', 'padded_vocab_size'}."""
     import torch.distributed as dist
 
-    from megatron_drlora.checkpoint import save_checkpoint
-    from megatron_drlora.modeling import MoEModelArgs, build_gpt_moe, transformer_config
-    from megatron_drlora.training.loop import padded_vocab_size
+    from megatron_drlora.checkpoint import save_base_checkpoint
+    from megatron_drlora.modeling import (MoEModelArgs, build_gpt_moe, padded_vocab_size,
+                                          transformer_config)
 
     hf = HFCheckpoint(hf_path, need_weights=False)
     family_of(hf.config_dict, hf_path)
@@ -131,7 +131,7 @@ def convert(hf_path: str, save: str, tensor_model_parallel_size: int = 1,
             f"{desc.topk}), {names.style} HF tensors; TP {tp} EP {ep} PP {pp}; vocabulary "
             f"{desc.vocab_size} padded to {padded}")
     log(f"> rank {dist.get_rank()}: filled {count} tensor shards from {hf_path}")
-    save_checkpoint(save, 0, chunks)
+    save_base_checkpoint(save, chunks)
     flags = desc.flags()
     if make_vocab_size_divisible_by != 128:
         flags.append(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by}")

@@ -42,7 +42,9 @@ class DistCheckpoint:
 
     @property
     def kind(self) -> str:
-        return self.common.get("drlora_checkpoint_kind", "full")
+        from megatron_drlora.checkpoint import drlora_state
+
+        return "adapters" if drlora_state(self.common) is not None else "full"
 
     def has(self, key: str) -> bool:
         return key in self.meta
@@ -95,7 +97,9 @@ class AdapterCheckpoint(DistCheckpoint):
         if self.kind != "adapters":
             raise HFInteropError(f"{flag} {self.path}: a '{self.kind}' checkpoint, not DR-LoRA "
                                  f"adapters (a base model goes to --pretrained-checkpoint)")
-        state = self.common.get("drlora")
+        from megatron_drlora.checkpoint import drlora_state
+
+        state = drlora_state(self.common)
         if not state or "rank_map" not in state or "config" not in state:
             raise HFInteropError(f"{flag} {self.path}: no DR-LoRA state (rank map, config) in "
                                  f"the checkpoint's common state")

@@ -1,15 +1,14 @@
 """Logits of an HF model (plain, merged or with a PEFT adapter) next to the Megatron model they
 came from: the check behind every conversion and export test.
 
-The Megatron side is built exactly as `examples/pretrain_gpt.py` would build it: the flags of the
-converter's `model.args` go through the training argument parser and `_model_args`, the base is
-loaded with `load_base_checkpoint`, DR-LoRA adapters (config, rank map and, when trained, the
-router) come from the adapter checkpoint through `load_checkpoint`. Compare in fp32.
+The Megatron side is built from the flags a run would use: the converter's `model.args` goes
+through Megatron-LM's parser (plus DR-LoRA's flags), the base is loaded with
+`load_base_checkpoint`, DR-LoRA adapters (config, rank map and, when trained, the router) come
+from the adapter checkpoint through `load_adapters`. Compare in fp32.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -17,17 +16,19 @@ import torch
 
 def model_args_from_file(args_file: str, seq_length: int, tensor_model_parallel_size: int = 1,
                          expert_model_parallel_size: int = 1, extra: Sequence[str] = ()):
-    """MoEModelArgs from a converter args file, parsed by pretrain_gpt's own parser."""
-    from megatron_drlora.training.arguments import parse_args
-    from megatron_drlora.training.loop import _model_args, padded_vocab_size
+    """MoEModelArgs from a converter args file, parsed by Megatron-LM's parser."""
+    from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+    from megatron_drlora.modeling import MoEModelArgs, padded_vocab_size
 
-    args = parse_args([f"@{args_file}", "--micro-batch-size", "1", "--train-iters", "1",
-                       "--lr", "1e-4", "--seq-length", str(seq_length), "--mock-data",
-                       "--tensor-model-parallel-size", str(tensor_model_parallel_size),
-                       "--expert-model-parallel-size", str(expert_model_parallel_size)]
-                      + list(extra))
-    return _model_args(args, padded_vocab_size(args.vocab_size, tensor_model_parallel_size,
-                                               args.make_vocab_size_divisible_by))
+    args = parse_megatron_args([f"@{args_file}", "--seq-length", str(seq_length),
+                                "--tensor-model-parallel-size", str(tensor_model_parallel_size),
+                                "--expert-model-parallel-size", str(expert_model_parallel_size)]
+                               + list(extra))
+    if tensor_model_parallel_size > 1:
+        args.sequence_parallel = True  # Megatron-Core's MoE layer needs it with TP > 1
+    return MoEModelArgs.from_megatron_args(
+        args, padded_vocab_size(args.vocab_size, tensor_model_parallel_size,
+                                args.make_vocab_size_divisible_by))
 
 
 def build_megatron(model_args, base: str, adapters: Optional[str] = None):
@@ -35,7 +36,7 @@ def build_megatron(model_args, base: str, adapters: Optional[str] = None):
     root or iter_* directory) with their rank map; returns (chunks, handle)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_drlora.checkpoint import load_adapters, load_base_checkpoint
+    from megatron_drlora.checkpoint import drlora_state, load_adapters, load_base_checkpoint
     from megatron_drlora.config import DRLoRAConfig
     from megatron_drlora.hf.common import resolve_iteration_dir
     from megatron_drlora.inject import apply_drlora
@@ -48,10 +49,9 @@ def build_megatron(model_args, base: str, adapters: Optional[str] = None):
     handle = None
     if adapters is not None:
         path = resolve_iteration_dir(adapters, "--load")
-        common = dist_checkpointing.load_common_state_dict(path)
-        state = common["drlora"]
+        state = drlora_state(dist_checkpointing.load_common_state_dict(path))
         handle = apply_drlora(chunks, DRLoRAConfig.from_dict(state["config"]), log=lambda s: None)
-        load_adapters(os.path.dirname(path), chunks, handle, iteration=common["iteration"])
+        load_adapters(path, chunks, handle)
     for chunk in chunks:
         chunk.eval()
     return chunks, handle

@@ -1,9 +1,9 @@
-"""Launch helpers: SLURM/torchrun environment -> distributed settings, and preemption signals.
+"""Launch helpers: SLURM/torchrun environment -> distributed settings, and requeue information.
 
 Nothing here imports torch or Megatron, so the helpers run in a batch shell, on a login node
 and in tests in milliseconds. `slurm` turns the scheduler's variables into the rank/world layout
-(and the torchrun arguments of one node); `preemption` turns SIGTERM/SIGUSR1 into a flag that
-the training loop reduces across ranks and acts on at a step boundary.
+(and the torchrun arguments of one node); `requeue` says whether a job is a requeued run.
+Stopping on SIGTERM/SIGUSR1 at a step boundary is Megatron-LM's (`--exit-signal-handler`).
 
 The names below are loaded lazily: `python -m megatron_drlora.launch.slurm` would otherwise
 find its own module already imported by this package and print a runpy RuntimeWarning into
@@ -20,9 +20,8 @@ _EXPORTS = {
     "check_parallel_layout": "slurm",
     "expand_hostlist": "slurm",
     "settings_from_env": "slurm",
-    "PreemptionHandler": "preemption",
-    "is_requeued": "preemption",
-    "requeue_hint": "preemption",
+    "is_requeued": "requeue",
+    "requeue_hint": "requeue",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,1 +1,0 @@
-"""The training entry point's pieces: flags, checkpoints, logging and the loop."""
