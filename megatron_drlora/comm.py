@@ -89,15 +89,17 @@ def reduce_step_statistics(*tensors: torch.Tensor) -> list:
 
     Rows of layers on other pipeline stages are zero on this rank, experts of other EP ranks
     likewise, so the world-wide sum assembles the global [layers, experts, ...] statistics and
-    every rank ends with bit-identical values.
+    every rank ends with bit-identical values. The buffer stays on the tensors' device (NCCL:
+    the GPU, gloo: the CPU), so the reduction never waits for the host; only a CPU tensor
+    under NCCL makes the round trip.
     """
     flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
     if is_distributed():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
-        buf = flat.to(device)
+        buf = flat
+        if dist.get_backend() == "nccl" and flat.device.type != "cuda":
+            buf = flat.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        flat = buf.cpu()
+        flat = buf if buf is flat else buf.to(flat.device)
     out, offset = [], 0
     for t in tensors:
         out.append(flat[offset:offset + t.numel()].view(t.shape))

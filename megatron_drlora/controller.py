@@ -43,7 +43,23 @@ class StepReport:
     layer_max: List[int] = field(default_factory=list)
     layer_mean: List[float] = field(default_factory=list)
     grown: int = 0  # module-ranks activated at this event
-    dropped: str = ""  # why this step's statistics did not enter the EMAs
+    _dropped: str = field(default="", repr=False)
+    _nonfinite: Optional[torch.Tensor] = field(default=None, repr=False)  # 0-dim, on device
+
+    @property
+    def dropped(self) -> str:
+        """Why this step's statistics did not enter the EMAs ("" if they did). The finiteness
+        check stays on the device until someone reads this (then it waits for the GPU)."""
+        if self._nonfinite is not None:
+            nonfinite, self._nonfinite = bool(self._nonfinite), None
+            if nonfinite:
+                self._dropped = "non-finite routing or rank-importance statistics"
+                _warn_dropped(self.step, self._dropped)
+        return self._dropped
+
+    @dropped.setter
+    def dropped(self, reason: str) -> None:
+        self._dropped, self._nonfinite = reason, None
 
     def log_line(self) -> str:
         per_layer = " ".join(f"L{l}:{lo}-{hi}" for l, (lo, hi) in
@@ -51,6 +67,11 @@ class StepReport:
         return (f" growth event at step {self.step:8d} (iteration {self.step + 1}) | "
                 f"+{self.grown} module-ranks | "
                 f"average rank {self.average_rank:.2f} | min-max per layer {per_layer}")
+
+
+def _warn_dropped(step: int, reason: str) -> None:
+    logger.warning("DR-LoRA: step %d statistics dropped (%s); the saliency EMAs keep their "
+                   "previous values", step, reason)
 
 
 class DRLoRAController:
@@ -132,6 +153,8 @@ class DRLoRAController:
         report = StepReport(step=step, router_trainable=self.schedule.router_trainable(step))
         pending, self._pending = self._pending, None
         if pending is not None:
+            if self.saliency.device != reduced[0].device:  # once: EMAs follow the statistics
+                self.saliency.to(reduced[0].device)
             pending_step, reduced = pending
             if pending_step != step:
                 raise RuntimeError(f"DR-LoRA statistics of step {pending_step} finished as "
@@ -139,12 +162,12 @@ class DRLoRAController:
             l1_a, l1_b = (reduced[2], reduced[3]) if len(reduced) == 4 else (None, None)
             if not stepped:
                 report.dropped = "the optimizer skipped this step"
-            elif not self.saliency.update(reduced[0], reduced[1], l1_a, l1_b, self.rank_map,
-                                          self.config.beta):
-                report.dropped = "non-finite routing or rank-importance statistics"
-            if report.dropped:
-                logger.warning("DR-LoRA: step %d statistics dropped (%s); the saliency EMAs "
-                               "keep their previous values", step, report.dropped)
+                _warn_dropped(step, report.dropped)
+            else:  # no host sync: a non-finite step is masked on the device, reported lazily
+                accepted = self.saliency.update_on_device(
+                    reduced[0], reduced[1], l1_a, l1_b,
+                    self._rank_map_on(self.saliency.device), self.config.beta)
+                report._nonfinite = ~accepted
             if self.schedule.is_event(step):
                 self._grow(step, report)
         report.seconds = self._collect_seconds + time.perf_counter() - start
@@ -153,7 +176,9 @@ class DRLoRAController:
 
     def _grow(self, step: int, report: StepReport) -> None:
         cfg, sched = self.config, self.schedule
-        scores = self.saliency.saliency(self.rank_map, cfg.saliency, cfg.gamma)
+        # The host reads the statistics only here (the pure allocator runs on CPU tensors).
+        scores = self.saliency.saliency(self._rank_map_on(self.saliency.device), cfg.saliency,
+                                        cfg.gamma).cpu()
         new_map = allocate_growth(scores, self.rank_map, list(sched.quotas), sched.cap,
                                   sched.r_max, [sched.layer_target(l) for l in
                                                 range(sched.num_layers)], cfg.allocation)
@@ -162,11 +187,23 @@ class DRLoRAController:
         report.grown = int((new_map - self.rank_map).sum())
         self.rank_map = new_map
         self.handle.set_rank_map(new_map)
+                report.dropped  # noqa: B018 -- the event syncs anyway: resolve and warn now
         self.saliency.reset_importance()
         per_expert = new_map.to(torch.float64).mean(dim=2)
         report.average_rank = float(new_map.to(torch.float64).mean())
         report.layer_min = [int(v) for v in new_map.flatten(1).min(dim=1).values]
         report.layer_max = [int(v) for v in new_map.flatten(1).max(dim=1).values]
+    def _rank_map_on(self, device: torch.device) -> torch.Tensor:
+        """The rank map on the EMAs' device, copied once per new map (growth, load)."""
+        if self.rank_map.device == device:
+            return self.rank_map
+        cached = getattr(self, "_rank_map_cache", None)
+        if cached is None or cached[0] is not self.rank_map or cached[1].device != device:
+            # non_blocking: a host-to-device copy that does not wait for the GPU's queue
+            cached = self._rank_map_cache = (self.rank_map,
+                                             self.rank_map.to(device, non_blocking=True))
+        return cached[1]
+
         report.layer_mean = [float(v) for v in per_expert.mean(dim=1)]
         self.events.append({"step": step, "grown": report.grown,
                             "rank_map": new_map.tolist(),

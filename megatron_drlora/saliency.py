@@ -3,7 +3,9 @@
 Tensor math only. The caller reduces the per-step statistics over the parallel groups first
 (see comm.py), so every rank feeds identical inputs and holds identical EMAs; this module never
 communicates. EMAs are float64 so that the saliency order, which decides growth, does not depend
-on summation order noise between parallel layouts.
+on summation order noise between parallel layouts. They live on the statistics' device and
+`update_on_device` never reads a value back to the host (no GPU sync per step); checkpoints get
+CPU copies.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ def statistics_are_finite(*tensors: Optional[torch.Tensor]) -> bool:
     One NaN in an EMA stays there for the rest of the run and makes the growth order arbitrary,
     so a step with non-finite statistics (e.g. an fp16 overflow the optimizer skips) is dropped.
     """
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+    return bool(_all_finite(*tensors))
+
+
+def _all_finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-dim bool on the tensors' device: the check of statistics_are_finite without a sync."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
 def rank_sensitivity_l1(grad: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tensor:
@@ -56,7 +64,7 @@ class SaliencyState:
     frequency  [L, E] float64: f, EMA of the routed weight per token (Eq. 5).
     importance [L, E, M, R] float64: g_j per rank slot (Eq. 7), R = r_max; slots that are not
     active keep their value (0 unless they were active before a reset).
-    updates: number of `update` calls (for logging and checkpoints).
+    updates: number of accepted updates (for logging and checkpoints; reading it syncs).
     """
 
     def __init__(self, num_layers: int, num_experts: int, num_modules: int, r_max: int,
@@ -68,14 +76,30 @@ class SaliencyState:
         self.shape = (num_layers, num_experts, num_modules, r_max)
         self.frequency = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
         self.importance = torch.zeros(self.shape, dtype=torch.float64, device=device)
-        self.updates = 0
+        self._updates = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def updates(self) -> int:
+        return int(self._updates)
+
+    @property
+    def device(self) -> torch.device:
+        return self.frequency.device
+
+    def to(self, device) -> "SaliencyState":
+        """Move the EMAs (once, e.g. to the adapters' GPU); new tensors, same values."""
+        self.frequency, self.importance, self._updates = (
+            t.to(device, non_blocking=True)
+            for t in (self.frequency, self.importance, self._updates))
+        return self
 
     # --- per-step update --------------------------------------------------------------------
     def _check(self, name: str, t: torch.Tensor, shape) -> torch.Tensor:
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
             raise ValueError(f"SaliencyState: {name} must have shape {tuple(shape)}, got "
                              f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
-        return t.detach().to(device=self.frequency.device)
+        t = t.detach()
+        return t if t.device == self.frequency.device else t.to(self.frequency.device)
 
     def active_mask(self, ranks: torch.Tensor) -> torch.Tensor:
         """[L, E, M, R] bool: slot j of a module is active iff j < its rank (prefix rule)."""
@@ -95,7 +119,16 @@ class SaliencyState:
         'frequency' variant needs no gradient statistics).
         ranks [L, E, M]: active ranks during this step; only slots j < rank are updated.
         Returns False, changing nothing, when any statistic is NaN or inf; True otherwise.
+        Reading that answer waits for the device; the training loop uses update_on_device.
         """
+        return bool(self.update_on_device(routed_sum, tokens, l1_a, l1_b, ranks, beta))
+
+    def update_on_device(self, routed_sum: torch.Tensor, tokens: torch.Tensor,
+                         l1_a: Optional[torch.Tensor], l1_b: Optional[torch.Tensor],
+                         ranks: torch.Tensor, beta: float) -> torch.Tensor:
+        """`update` without a host sync: returns a 0-dim bool tensor (True: accepted). A
+        non-finite step is masked out on the device (torch.where), leaving every EMA and the
+        update count bit-identical, instead of being tested on the host."""
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < 1:
             raise ValueError(f"SaliencyState.update: beta must be in [0, 1), got {beta!r}")
         L, E, M, R = self.shape
@@ -110,16 +143,15 @@ class SaliencyState:
             s = a * b  # Eq. 6
         w = torch.where(toks[:, None] > 0, routed / toks.clamp_min(1e-300)[:, None],
                         torch.zeros_like(routed))
-        if not statistics_are_finite(routed, toks, w, s):
-            return False
-
-        self.frequency.mul_(beta).add_(w, alpha=1.0 - beta)
+        ok = _all_finite(routed, toks, w, s)
+        self.frequency.copy_(torch.where(
+            ok, torch.add(self.frequency * beta, w, alpha=1.0 - beta), self.frequency))
         if s is not None:
-            mask = self.active_mask(ranks)
+            mask = self.active_mask(ranks) & ok
             ema = self.importance * beta + s * (1.0 - beta)
             self.importance.copy_(torch.where(mask, ema, self.importance))
-        self.updates += 1
-        return True
+        self._updates.add_(ok.to(torch.int64))
+        return ok
 
     # --- reading the state ------------------------------------------------------------------
     def expert_rank(self, ranks: torch.Tensor) -> torch.Tensor:
@@ -167,8 +199,10 @@ class SaliencyState:
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {"frequency": self.frequency.clone(), "importance": self.importance.clone(),
-                "updates": torch.tensor(self.updates, dtype=torch.int64)}
+        """CPU copies (checkpoints are written from the host), whatever device the EMAs use."""
+        return {"frequency": self.frequency.detach().to("cpu", copy=True),
+                "importance": self.importance.detach().to("cpu", copy=True),
+                "updates": self._updates.detach().to("cpu", copy=True)}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Restore; a shape mismatch means the checkpoint is from another model or r_max."""
@@ -183,7 +217,7 @@ class SaliencyState:
                     f"{tuple(getattr(t, 'shape', ()))}, expected {tuple(shape)} "
                     "[layers, experts(, modules, r_max)]; was the checkpoint saved with another "
                     "model, --drlora-targets or --drlora-rank-max?")
-        # In place: whoever holds these tensors (e.g. a reduction buffer) keeps seeing them.
+        # In place (whoever holds these tensors keeps seeing them), onto the EMAs' device.
         self.frequency.copy_(state["frequency"].detach())
         self.importance.copy_(state["importance"].detach())
-        self.updates = int(state["updates"])
+        self._updates.fill_(int(state["updates"]))

@@ -9,7 +9,9 @@
   the optimizer will use (Megatron DDP's reduced `main_grad`, else `.grad`).
 
 Both are written into global-shaped tensors ([MoE layers, experts, ...]) with zeros where this
-rank holds nothing, so one all-reduce (comm.reduce_step_statistics) completes them.
+rank holds nothing, so one all-reduce (comm.reduce_step_statistics) completes them. They live on
+the device of the adapters: nothing here copies to the host, so forward, backward and a
+non-event step never wait for the GPU (tests/test_host_syncs.py).
 """
 
 from __future__ import annotations
@@ -22,15 +24,32 @@ from megatron_drlora.compat.megatron import reduced_grad
 from megatron_drlora.saliency import rank_sensitivity_l1
 
 
+def statistics_device(handle) -> torch.device:
+    """Where DR-LoRA's statistics live: the device of the adapters (CPU on a CPU run)."""
+    for param in handle.lora_parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _expert_slice(bank):
+    """The bank's global experts as a slice (EP ranks own contiguous ranges): indexing a
+    device tensor with a slice needs no index tensor copied from the host."""
+    ids = bank.global_expert_ids
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError(f"layer {bank.layer}: local experts {ids} are not contiguous")
+    return slice(ids[0], ids[0] + len(ids))
+
+
 class RoutingStatistics:
     """Accumulates routed weight, hard counts and token counts per (MoE layer, expert)."""
 
     def __init__(self, handle):
         self.handle = handle
         L, E = handle.num_moe_layers, handle.num_experts
-        self.routed = torch.zeros(L, E, dtype=torch.float64)
-        self.counts = torch.zeros(L, E, dtype=torch.float64)
-        self.tokens = torch.zeros(L, dtype=torch.float64)
+        device = statistics_device(handle)
+        self.routed = torch.zeros(L, E, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(L, E, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(L, dtype=torch.float64, device=device)
         self._handles = [layer.moe_layer.router.register_forward_hook(self._hook(layer.moe_index))
                          for layer in handle.layers]
 
@@ -39,13 +58,19 @@ class RoutingStatistics:
             if not (torch.is_grad_enabled() and module.training):
                 return None
             probs, routing_map = output[0], output[1]
-            with torch.no_grad():
-                self.routed[moe_index] += probs.detach().sum(0).to("cpu", torch.float64)
-                self.counts[moe_index] += routing_map.sum(0).to("cpu", torch.float64)
+            if probs.device != self.routed.device:  # the model moved after we were built: once
+                self.to(probs.device)
+            with torch.no_grad():  # on the device: no host copy per layer and micro-batch
+                self.routed[moe_index] += probs.detach().sum(0).to(torch.float64)
+                self.counts[moe_index] += routing_map.sum(0).to(torch.float64)
                 self.tokens[moe_index] += probs.shape[0]
             return None
 
         return hook
+
+    def to(self, device) -> None:
+        self.routed, self.counts, self.tokens = (t.to(device) for t in
+                                                 (self.routed, self.counts, self.tokens))
 
     def reset(self) -> None:
         self.routed.zero_()
@@ -71,11 +96,12 @@ def local_sensitivity(handle, contributes_a, contributes_b,
     grad_masks = grad_masks or {}
     L, E = handle.num_moe_layers, handle.num_experts
     M, R = len(handle.projections), handle.config.rank_max
-    l1_a = torch.zeros(L, E, M, R, dtype=torch.float64)
-    l1_b = torch.zeros(L, E, M, R, dtype=torch.float64)
+    device = statistics_device(handle)
+    l1_a = torch.zeros(L, E, M, R, dtype=torch.float64, device=device)
+    l1_b = torch.zeros(L, E, M, R, dtype=torch.float64, device=device)
     for layer in handle.layers:
         bank = layer.bank
-        ids = torch.tensor(bank.global_expert_ids)
+        ids = _expert_slice(bank)
         for j, name in enumerate(bank.projection_names):
             # Slots past the largest active rank have exactly zero gradient (prefix compute):
             # skip them, their l1 is 0.
@@ -94,5 +120,5 @@ def local_sensitivity(handle, contributes_a, contributes_b,
                 if param in grad_masks:
                     grad = grad * grad_masks[param].narrow(rank_dim, 0, r_hi)
                 out[layer.moe_index, ids, j, :r_hi] = rank_sensitivity_l1(
-                    grad, param.narrow(rank_dim, 0, r_hi), rank_dim).cpu()
+                    grad, param.narrow(rank_dim, 0, r_hi), rank_dim)
     return l1_a, l1_b
