@@ -137,6 +137,8 @@ class DRLoRAController:
                                                   self._contributes("b_sharded"),
                                                   self._grad_masks))
             reduced = comm.reduce_step_statistics(*tensors)
+            if self.saliency.device != reduced[0].device:  # once: EMAs follow the statistics
+                self.saliency.to(reduced[0].device)
             if len(reduced) == 4 and loss_scale != 1.0:
                 reduced[2] = reduced[2] / loss_scale
                 reduced[3] = reduced[3] / loss_scale
@@ -153,8 +155,6 @@ class DRLoRAController:
         report = StepReport(step=step, router_trainable=self.schedule.router_trainable(step))
         pending, self._pending = self._pending, None
         if pending is not None:
-            if self.saliency.device != reduced[0].device:  # once: EMAs follow the statistics
-                self.saliency.to(reduced[0].device)
             pending_step, reduced = pending
             if pending_step != step:
                 raise RuntimeError(f"DR-LoRA statistics of step {pending_step} finished as "
@@ -169,10 +169,22 @@ class DRLoRAController:
                     self._rank_map_on(self.saliency.device), self.config.beta)
                 report._nonfinite = ~accepted
             if self.schedule.is_event(step):
+                report.dropped  # noqa: B018 -- the event syncs anyway: resolve and warn now
                 self._grow(step, report)
         report.seconds = self._collect_seconds + time.perf_counter() - start
         self._collect_seconds = 0.0
         return report
+
+    def _rank_map_on(self, device: torch.device) -> torch.Tensor:
+        """The rank map on the EMAs' device, copied once per new map (growth, load)."""
+        if self.rank_map.device == device:
+            return self.rank_map
+        cached = getattr(self, "_rank_map_cache", None)
+        if cached is None or cached[0] is not self.rank_map or cached[1].device != device:
+            # non_blocking: a host-to-device copy that does not wait for the GPU's queue
+            cached = self._rank_map_cache = (self.rank_map,
+                                             self.rank_map.to(device, non_blocking=True))
+        return cached[1]
 
     def _grow(self, step: int, report: StepReport) -> None:
         cfg, sched = self.config, self.schedule
@@ -187,23 +199,11 @@ class DRLoRAController:
         report.grown = int((new_map - self.rank_map).sum())
         self.rank_map = new_map
         self.handle.set_rank_map(new_map)
-                report.dropped  # noqa: B018 -- the event syncs anyway: resolve and warn now
         self.saliency.reset_importance()
         per_expert = new_map.to(torch.float64).mean(dim=2)
         report.average_rank = float(new_map.to(torch.float64).mean())
         report.layer_min = [int(v) for v in new_map.flatten(1).min(dim=1).values]
         report.layer_max = [int(v) for v in new_map.flatten(1).max(dim=1).values]
-    def _rank_map_on(self, device: torch.device) -> torch.Tensor:
-        """The rank map on the EMAs' device, copied once per new map (growth, load)."""
-        if self.rank_map.device == device:
-            return self.rank_map
-        cached = getattr(self, "_rank_map_cache", None)
-        if cached is None or cached[0] is not self.rank_map or cached[1].device != device:
-            # non_blocking: a host-to-device copy that does not wait for the GPU's queue
-            cached = self._rank_map_cache = (self.rank_map,
-                                             self.rank_map.to(device, non_blocking=True))
-        return cached[1]
-
         report.layer_mean = [float(v) for v in per_expert.mean(dim=1)]
         self.events.append({"step": step, "grown": report.grown,
                             "rank_map": new_map.tolist(),
