@@ -180,13 +180,13 @@ def attach_to_legacy_grouped(experts, bank: ExpertLoRABank, etp_group, gmm=None)
         if x.nelement() != 0:
             fc1 = gmm(x, w1, tokens_per_expert, trans_b=False)
         else:
-            fc1 = torch.matmul(x, self.weight1.view(hidden, -1))
+            fc1 = _grouped_gemm_of_no_tokens(x, w1)
         fc1 = deltas("fc1", x, fc1, counts)
         act = self.activation_func_with_probs(fc1, permuted_probs.unsqueeze(-1))
         if x.nelement() != 0:
             fc2 = gmm(act, w2, tokens_per_expert, trans_b=False)
         else:
-            fc2 = torch.matmul(act, self.weight2.view(-1, hidden))
+            fc2 = _grouped_gemm_of_no_tokens(act, w2)
         return deltas("fc2", act, fc2, counts), None
 
     original = experts.forward
@@ -197,6 +197,13 @@ def attach_to_legacy_grouped(experts, bank: ExpertLoRABank, etp_group, gmm=None)
             experts.forward = original
 
     return [_Restore()]
+
+
+def _grouped_gemm_of_no_tokens(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the grouped GEMM gives for zero tokens, [0, n] (grouped_gemm refuses empty input),
+    with every local expert's weight [E, k, n] in the graph: the per-expert output width, so
+    the LoRA deltas add to it whatever the number of local experts."""
+    return torch.matmul(x.unsqueeze(0), w).sum(0)
 
 
 def _as_list(counts) -> List[int]:

@@ -30,10 +30,14 @@ def lora_delta(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """`scale * B[:, :rank] @ A[:rank] @ x` for one expert; x is [..., k], a [R, k], b [d, R]."""
-    if rank == 0 or x.numel() == 0:
-        return x.new_zeros(x.shape[:-1] + (b.shape[0],))
-    if dropout > 0.0 and training:
+    """`scale * B[:, :rank] @ A[:rank] @ x` for one expert; x is [..., k], a [R, k], b [d, R].
+
+    An expert with no tokens (or rank 0) still runs the empty products rather than returning a
+    constant: the factors stay in the autograd graph and get exact zero gradients, so every
+    adapter's gradient hook fires each step (Megatron DDP with overlap_grad_reduce waits for
+    all of them).
+    """
+    if dropout > 0.0 and training and rank > 0 and x.numel() > 0:
         x = F.dropout(x, p=dropout, training=True)
     hidden = F.linear(x, a[:rank])
     return F.linear(hidden, b[:, :rank]) * scale
