@@ -16,7 +16,7 @@ non-event step never wait for the GPU (tests/test_host_syncs.py).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Tuple
 
 import torch
 

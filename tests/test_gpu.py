@@ -61,3 +61,51 @@ def test_bf16_sequential_experts_train_on_gpu(megatron_gpu):
     grads = [p.grad for p in handle.lora_parameters()]
     assert all(g is not None and g.dtype == torch.bfloat16 for g in grads)
     assert any(torch.count_nonzero(g) for g in grads)
+
+
+def test_drlora_hot_path_makes_no_cuda_sync(megatron_gpu):
+    """DR-LoRA's per-step work under torch.cuda.set_sync_debug_mode("error"): the routing
+    hook, the grouped LoRA forward/backward (an expert without tokens included), collect()
+    and finish() at a non-event step. Megatron's own dispatcher syncs stay outside: the full
+    model step runs first without the debug mode (tests/test_host_syncs.py covers it on CPU)."""
+    from megatron_drlora.adapters.lora_math import grouped_lora_delta
+    from megatron_drlora.controller import DRLoRAController
+    from tests.tiny import batch, build, randomize_adapters, tiny_args
+
+    args = tiny_args()
+    chunks, handle = build(args, DRLoRAConfig(budget=8, grow_interval=3, grow_buffer=0,
+                                              warmup_iters=2))
+    model = chunks[0].cuda()
+    randomize_adapters(handle)
+    controller = DRLoRAController(handle, train_iters=12, warmup_iters=None)
+    assert 1 not in controller.schedule.event_steps()
+
+    def forward_backward(step):
+        for p in model.parameters():
+            p.grad = None
+        tokens, pos, labels = (t.cuda() for t in batch(args, batch_size=4, seed=step))
+        model(tokens, pos, None, labels=labels).float().mean().backward()
+
+    forward_backward(0)  # step 0 does the one-time moves (EMAs and rank map to the GPU)
+    controller.collect(0)
+    controller.finish(0, stepped=True)
+    forward_backward(1)
+    bank = handle.layers[0].bank
+    router = handle.layers[0].moe_layer.router
+    x = torch.randn(10, args.hidden_size, device="cuda")
+    probs = torch.rand(10, args.num_experts, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        controller.routing._hook(0)(router, (x,), (probs, probs > 0.5))
+        delta = grouped_lora_delta(x, [3, 0, 5, 2], bank.factor("up", "A"),
+                                   bank.factor("up", "B"), bank.ranks_of("up"), bank.scale,
+                                   0.1, True)
+        delta.sum().backward()
+        controller.collect(1)
+        report = controller.finish(1, stepped=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not report.event and report.dropped == ""
+    assert controller.saliency.frequency.device.type == "cuda"
+    assert all(t.device.type == "cpu" for t in controller.saliency.state_dict().values())

@@ -14,7 +14,7 @@ exactly those of the base model and a base checkpoint loads into an adapted mode
 from __future__ import annotations
 
 import types
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
