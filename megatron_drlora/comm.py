@@ -1,14 +1,12 @@
 """Every collective DR-LoRA adds, and the Megatron process groups they use.
 
 Nothing else in the package calls torch.distributed. Per training step DR-LoRA adds one fused
-all-reduce of its statistics (plus, at growth events, one small agreement check); with expert
-tensor parallelism > 1 the backward pass also all-reduces the gradient of the adapter factor
-that is replicated across expert-TP ranks.
+all-reduce of its statistics (plus, at growth events, one broadcast of global rank 0's new rank
+map and one exact agreement check); with expert tensor parallelism > 1 the backward pass also
+all-reduces the gradient of the adapter factor that is replicated across expert-TP ranks.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -66,13 +64,6 @@ def group_rank(group) -> int:
     return dist.get_rank(group)
 
 
-def all_reduce_sum_(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
-    """In-place sum over `group` (the whole world when None); a no-op without processes."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
-
-
 # --- Megatron process-group facts DR-LoRA needs ---------------------------------------------
 def expert_data_parallel_rank() -> int:
     """Rank among the replicas of the same experts (their reduced grads are identical)."""
@@ -111,31 +102,52 @@ class RankMapDisagreement(RuntimeError):
     """Ranks hold different DR-LoRA rank maps: their growth decisions diverged."""
 
 
-def check_rank_map_agreement(rank_map: torch.Tensor, step: int) -> None:
-    """Verify that every rank holds the same [layers, experts, modules] rank map.
+def _collective_device() -> torch.device:
+    """Where a tensor must live for the world group's backend: CUDA for NCCL, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    One all-reduce of 2 x layers numbers: per layer a checksum weighting every entry by a fixed
-    pseudo-random number (so no two different maps are likely to collide), reduced as MAX of c
-    and MAX of -c (i.e. max and min). A layer whose max != min disagrees somewhere.
+
+def broadcast_rank_map(rank_map: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Global rank `src`'s [layers, experts, modules] rank map, on every rank (int64, CPU).
+
+    Every rank runs the allocator on (normally) bit-identical saliency, but a near-tie could
+    still resolve differently on mixed hardware; broadcasting one rank's decision makes every
+    rank apply the same map by construction. One broadcast over the world group.
+    """
+    rank_map = rank_map.to(torch.int64)
+    if not is_distributed() or dist.get_world_size() == 1:
+        return rank_map
+    buf = rank_map.contiguous().to(_collective_device(), copy=True)
+    dist.broadcast(buf, src=src)
+    return buf.cpu()
+
+
+def check_rank_map_agreement(rank_map: torch.Tensor, step: int) -> None:
+    """Verify that every rank holds exactly the same [layers, experts, modules] rank map.
+
+    One all-reduce (MAX) of the int64 map and its negation gives, per entry, the maximum and
+    the minimum over ranks; integer comparison, so equal maps always pass and any difference
+    is caught. The error names every MoE layer that differs and its first differing entry.
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return
-    L = rank_map.shape[0]
-    weights = torch.rand(rank_map[0].shape, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(20260125)) + 1.0
-    checksum = (rank_map.to(torch.float64) * weights).sum(dim=tuple(range(1, rank_map.dim())))
-    both = torch.cat([checksum, -checksum])
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
-    buf = both.to(device)
+    rank_map = rank_map.to(torch.int64)
+    n = rank_map.numel()
+    both = torch.cat([rank_map.reshape(-1), -rank_map.reshape(-1)])
+    buf = both.to(_collective_device())
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     buf = buf.cpu()
-    high, low = buf[:L], -buf[L:]
-    bad = [l for l in range(L) if high[l] != low[l]]
+    high, low = buf[:n].view(rank_map.shape), (-buf[n:]).view(rank_map.shape)
+    differs = high != low
+    bad = [l for l in range(rank_map.shape[0]) if bool(differs[l].any())]
     if bad:
+        first = tuple(int(i) for i in differs[bad[0]].nonzero()[0])
+        where = (bad[0],) + first
         raise RankMapDisagreement(
             f"DR-LoRA rank maps differ between ranks after the growth event at step {step}: "
-            f"MoE layer(s) {bad} (this is rank {dist.get_rank()}, whose checksum for layer "
-            f"{bad[0]} is {checksum[bad[0]].item():.6f}, range over ranks {low[bad[0]].item():.6f}"
-            f"..{high[bad[0]].item():.6f}). The saliency statistics were not identical on all "
-            f"ranks; stopping instead of training diverging replicas.")
+            f"MoE layer(s) {bad} (this is rank {dist.get_rank()}; at [layer, expert, module] "
+            f"{list(where)} it holds rank {int(rank_map[where])}, ranks hold "
+            f"{int(low[where])}..{int(high[where])}). Stopping instead of training diverging "
+            f"replicas.")

@@ -97,9 +97,24 @@ class DRLoRAController:
 
     def attach_ddp_models(self, ddp_models) -> None:
         """The DDP-wrapped chunks: with the distributed optimizer each expert-DP rank owns a
-        shard of the reduced gradients, and only that shard is counted."""
+        shard of the reduced gradients, and only that shard is counted. Required once the
+        adapters are wrapped by Megatron DDP (they have `main_grad`): collect() refuses to
+        count gradients without knowing which shard this rank owns."""
+        self._ddp_attached = ddp_models is not None
         self._grad_masks = distributed_optimizer_grad_masks(ddp_models,
                                                             list(self.handle.lora_parameters()))
+
+    def _require_ddp_models(self) -> None:
+        if self._ddp_attached:
+            return
+        if any(hasattr(p, "main_grad") for p in self.handle.lora_parameters()):
+            raise RuntimeError(
+                "DR-LoRA: the adapters are wrapped by Megatron DDP (they have main_grad) but "
+                "the controller was given no DDP models, so it cannot tell which gradient "
+                "shard this rank owns (with the distributed optimizer only that shard is "
+                "reduced) and would miscount the rank importance. Pass "
+                "DRLoRAController(..., ddp_models=<the DDP-wrapped model chunks>) or call "
+                "controller.attach_ddp_models(<the DDP-wrapped model chunks>) before collect().")
 
     # --- which shards count ----------------------------------------------------------------
     def _contributes(self, sharded_attr: str):
@@ -124,6 +139,7 @@ class DRLoRAController:
         if due, and reduce this step's statistics (one fused all-reduce). Nothing enters the
         EMAs until finish() says the optimizer really stepped. `loss_scale` (fp16) divides the
         rank importance so it is measured on unscaled gradients."""
+        self._require_ddp_models()
         start = time.perf_counter()
         cfg = self.config
         if not self.schedule.router_trainable(step):
@@ -194,6 +210,13 @@ class DRLoRAController:
         new_map = allocate_growth(scores, self.rank_map, list(sched.quotas), sched.cap,
                                   sched.r_max, [sched.layer_target(l) for l in
                                                 range(sched.num_layers)], cfg.allocation)
+        # Every rank applies global rank 0's decision (identical by construction even if a
+        # near-tie resolved differently here), then an exact integer check confirms it.
+        mine, new_map = new_map, comm.broadcast_rank_map(new_map, src=0)
+        if not torch.equal(mine, new_map):
+            logger.warning("DR-LoRA: at step %d this rank's allocator chose a different rank "
+                           "map than global rank 0 (its saliency was not bit-identical); "
+                           "applying rank 0's", step)
         comm.check_rank_map_agreement(new_map, step)
         report.event = True
         report.grown = int((new_map - self.rank_map).sum())

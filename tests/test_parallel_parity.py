@@ -3,9 +3,11 @@
 Each layout runs the same global model (identity-seeded base, identical adapters with grown,
 heterogeneous ranks) on the same global batch in 2-4 real gloo processes, and is compared with
 the single-process run: logits and loss within 1e-5, every adapter gradient (gathered to global
-expert index) within 1e-5, saliency statistics within 1e-6 relative, the same growth decision,
-and identical replicas after a step of Megatron's optimizer (plain or distributed) with the
-same gradient norm (tests/workers/parity_worker.py).
+expert index) within 1e-5 of that tensor's largest entry, saliency statistics within 1e-6
+relative, the same growth decision, and identical replicas after a step of Megatron's optimizer
+(plain or distributed) with the same gradient norm (tests/workers/parity_worker.py). The
+single-process adapter gradients are themselves checked against an independent plain-PyTorch
+MoE with LoRA on each expert (no megatron_drlora.adapters code), at heterogeneous ranks.
 """
 
 import pytest
@@ -39,6 +41,15 @@ def reference(tmp_path_factory):
     return out
 
 
+def _assert_close_to_scale(got, ref, key, rel=1e-5):
+    """max |got - ref| <= rel x max |ref|, per tensor: gradients are ~1e-4, so an absolute
+    1e-5 tolerance would accept errors of 10%."""
+    assert got.shape == ref.shape, key
+    scale = ref.abs().max().item()
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= rel * scale, f"{key}: max abs difference {err:.3e} > {rel:g} x {scale:.3e}"
+
+
 def _compare(ref, got):
     assert got["logits"].shape == ref["logits"].shape
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-5)
@@ -46,7 +57,7 @@ def _compare(ref, got):
     assert set(got["grads"]) == set(ref["grads"])
     for key, g in ref["grads"].items():
         assert g.abs().max() > 0 or key[2] == "B", key
-        torch.testing.assert_close(got["grads"][key], g, rtol=0, atol=1e-5, msg=str(key))
+        _assert_close_to_scale(got["grads"][key], g, key)
     for name in ("frequency", "importance"):
         r, o = ref[name], got[name]
         assert r.abs().max() > 0, f"{name} is all zero: the test would prove nothing"
@@ -79,9 +90,39 @@ def test_global_allocation_under_pipeline_matches(tmp_path):
     _compare(load(ref), load(out))
 
 
-def test_perturbed_rank_is_caught_by_agreement_check(tmp_path):
-    out = run_torchrun("parity_worker.py", 2, [tmp_path / "o.pt", "--ep", "2",
-                                               "--perturb-rank", "1"])
-    assert "RANK0 DISAGREEMENT" in out and "RANK1 DISAGREEMENT" in out, out[-3000:]
-    assert out.count("rank maps differ between ranks after the growth event at step 0: "
-                     "MoE layer(s) [0]") == 2
+def test_single_process_adapter_grads_match_independent_reference(reference):
+    """Every A and B gradient, per expert, against plain PyTorch (heterogeneous active ranks;
+    inactive slots exactly zero in both)."""
+    for layers, ref in reference.items():
+        rank_map_ranks = set()
+        assert set(ref["reference_grads"]) == set(ref["grads"])
+        for key, expected in ref["reference_grads"].items():
+            got = ref["grads"][key]
+            assert expected.abs().max() > 0, f"{key}: reference gradient all zero"
+            for e in range(expected.shape[0]):
+                _assert_close_to_scale(got[e], expected[e], (layers,) + key + (e,))
+            inactive = (expected == 0) & (got != 0)
+            assert not inactive.any(), f"{key}: gradient in an inactive rank slot"
+            for e in range(expected.shape[0]):
+                slots = expected[e] if key[2] == "A" else expected[e].T
+                rank_map_ranks.add(int((slots.abs().sum(dim=1) > 0).sum()))
+        assert len(rank_map_ranks) > 2, f"ranks not heterogeneous: {rank_map_ranks}"
+
+
+def test_perturbed_rank_applies_rank0_map(reference, tmp_path):
+    """Rank 1's layer-0 saliency is reversed, so its own allocator chooses another map; both
+    ranks still apply global rank 0's (which is the unperturbed single-process decision)."""
+    path = tmp_path / "o.pt"
+    out = run_torchrun("parity_worker.py", 2, [path, "--ep", "2", "--perturb-rank", "1"])
+    assert "DISAGREEMENT" not in out, out[-3000:]
+    got = load(path)
+    own = got["own_choice_per_rank"]
+    assert not torch.equal(own[0], own[1]), "the perturbation did not change rank 1's choice"
+    assert torch.equal(own[0], reference[2]["rank_map"])
+    for r, (m, applied) in enumerate(zip(got["rank_maps_per_rank"],
+                                         got["applied_maps_per_rank"])):
+        assert torch.equal(m, own[0]), f"rank {r} holds another map than rank 0"
+        here = applied >= 0
+        assert here.any() and torch.equal(applied[here], own[0][here]), \
+            f"rank {r}'s banks apply another map"
+    assert got["replica_mismatches"] == []

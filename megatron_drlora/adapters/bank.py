@@ -172,15 +172,6 @@ class ExpertLoRABank(torch.nn.Module):
         Adapters are saved by megatron_drlora.checkpoint under layout-independent keys."""
         return {}
 
-    # --- sizes ----------------------------------------------------------------------------
-    def active_parameters(self) -> int:
-        """Trainable parameters in the active prefixes of this rank's shards."""
-        total = 0
-        for j, name in enumerate(self.projection_names):
-            spec = self.specs[name]
-            total += sum(r[j] for r in self._ranks_list) * (spec.in_local + spec.out_local)
-        return total
-
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, experts={self.global_expert_ids[0]}.."
                 f"{self.global_expert_ids[-1]} of {self.num_global_experts}, "

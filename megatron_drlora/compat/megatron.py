@@ -40,32 +40,10 @@ def use_prebuilt_dataset_helpers() -> None:
     utils.compile_helpers = lambda: None
 
 
-def megatron_version() -> str:
-    import megatron.core
-
-    return getattr(megatron.core, "__version__", "unknown")
-
-
 def have_transformer_engine() -> bool:
     """True when a real Transformer Engine is importable (never installed by this package)."""
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def have_grouped_gemm() -> bool:
-    try:
-        import grouped_gemm  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def have_apex() -> bool:
-    try:
-        import apex  # noqa: F401
     except Exception:
         return False
     return True

@@ -153,10 +153,6 @@ class ShardWriter:
         self.pending_bytes += size
         self.total_bytes += size
 
-    def add_all(self, tensors: Dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            self.add(name, tensor)
-
     def flush(self) -> None:
         if not self.pending:
             return

@@ -93,6 +93,21 @@ def main():
 
         return logits, loss_func
 
+    # Single process: capture every experts call (input, routing probs, output gradient) for
+    # the independent plain-PyTorch gradient reference below.
+    expert_calls = {l.moe_index: [] for l in handle.layers}
+    forward_map = controller.rank_map.clone()
+    if dist.get_world_size() == 1:
+        for layer in handle.layers:
+            def capture(module, inputs, output, calls=expert_calls[layer.moe_index]):
+                x, counts, probs = inputs
+                record = {"x": x.detach().clone(), "counts": [int(c) for c in counts],
+                          "probs": probs.detach().clone()}
+                calls.append(record)
+                output[0].register_hook(lambda g: record.__setitem__("grad", g.detach().clone()))
+
+            layer.experts.register_forward_hook(capture)
+
     for m in model:
         m.zero_grad_buffer()
     data = iter(micro_batches)
@@ -161,17 +176,28 @@ def main():
         dist.all_reduce(full)
         grads[key] = full
     results["grads"] = grads
+    if dist.get_world_size() == 1:
+        results["reference_grads"] = reference_adapter_grads(handle, cfg, expert_calls,
+                                                             forward_map)
 
     # --- DR-LoRA statistics and a growth decision (event at step 0) ------------------------
+    own_choice = {}
+    broadcast = comm.broadcast_rank_map
+
+    def broadcast_recording(rank_map, *a, **k):
+        own_choice["rank_map"] = rank_map.clone()  # what this rank's own allocator chose
+        return broadcast(rank_map, *a, **k)
+
+    comm.broadcast_rank_map = broadcast_recording
     if dist.get_rank() == args.perturb_rank:
-        original = controller.saliency.update
+        original = controller.saliency.saliency
 
-        def perturbed(routed, tokens_, *rest):
-            routed = routed.clone()
-            routed[0] = -routed[0]  # this rank's layer-0 saliency order is reversed
-            return original(routed, tokens_, *rest)
+        def perturbed(*a, **k):
+            scores = original(*a, **k).clone()
+            scores[0] = -scores[0]  # this rank's layer-0 saliency order is reversed
+            return scores
 
-        controller.saliency.update = perturbed
+        controller.saliency.saliency = perturbed
     snapshot = {}
     reset = controller.saliency.reset_importance
 
@@ -192,6 +218,12 @@ def main():
     results["saliency"] = controller.events[-1]["saliency"]
     results["rank_map"] = controller.rank_map.clone()
     results["event"] = report.event
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, (controller.rank_map.clone(), handle.local_rank_map(),
+                                      own_choice.get("rank_map")))
+    results["rank_maps_per_rank"] = [m for m, _, _ in per_rank]
+    results["applied_maps_per_rank"] = [h for _, h, _ in per_rank]
+    results["own_choice_per_rank"] = [c for _, _, c in per_rank]
 
     # --- optimizer step, then every replica of a replicated tensor must be identical -------
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -233,6 +265,65 @@ def main():
         print("PARITY_WORKER_DONE", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def reference_adapter_grads(handle, cfg, expert_calls, rank_map):
+    """Adapter gradients from a plain-PyTorch MoE-experts block with LoRA on each expert,
+    written without megatron_drlora.adapters: per expert, fc1 = W1 (+ s B A on gate/up halves),
+    SwiGLU or GeLU, routing prob, fc2 = W2 (+ s B A), each active rank r a prefix of the r_max
+    factors, recomputed in float64 from the captured expert inputs and back-propagated from the
+    captured expert-output gradients of every micro-batch."""
+    import torch.nn.functional as F
+
+    scale = cfg.lora_alpha / cfg.rank_max
+    out = {}
+    for layer in handle.layers:
+        l = layer.moe_index
+        experts = layer.experts.local_experts
+        leaves = {}
+        for name in handle.projections:
+            for which in ("A", "B"):
+                value = layer.bank.factor(name, which).detach().double().clone()
+                leaves[(name, which)] = value.requires_grad_(True)
+        total = 0.0
+        for call in expert_calls[l]:
+            xs = torch.split(call["x"].double(), call["counts"])
+            ps_ = torch.split(call["probs"].double(), call["counts"])
+            gs = torch.split(call["grad"].double(), call["counts"])
+            for e, (x, p, g) in enumerate(zip(xs, ps_, gs)):
+                def delta(inp, name):
+                    r = int(rank_map[l, e, handle.projections.index(name)])
+                    a = leaves[(name, "A")][e, :r]
+                    b = leaves[(name, "B")][e, :, :r]
+                    return scale * (inp @ a.T) @ b.T
+
+                mlp = experts[e]
+                h = x @ mlp.linear_fc1.weight.detach().double().T
+                gated = cfg_gated(mlp)
+                if gated:
+                    gate, up = h.chunk(2, dim=-1)
+                    if "gate" in handle.projections:
+                        gate = gate + delta(x, "gate")
+                    if "up" in handle.projections:
+                        up = up + delta(x, "up")
+                    act = F.silu(gate) * up
+                else:
+                    if "up" in handle.projections:
+                        h = h + delta(x, "up")
+                    act = F.gelu(h)
+                act = act * p.unsqueeze(-1)
+                y = act @ mlp.linear_fc2.weight.detach().double().T
+                if "down" in handle.projections:
+                    y = y + delta(act, "down")
+                total = total + (y * g).sum()
+        total.backward()
+        for (name, which), leaf in leaves.items():
+            out[(l, name, which)] = leaf.grad.clone()
+    return out
+
+
+def cfg_gated(mlp) -> bool:
+    return bool(mlp.config.gated_linear_unit)
 
 
 if __name__ == "__main__":
