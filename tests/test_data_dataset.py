@@ -185,6 +185,7 @@ def test_weighted_blend(data):
     assert ids == {0, 1}
 
 
+@pytest.mark.slow
 def test_blend_with_cache_path_without_torch_distributed(data, tmp_path):
     """megatron-core's BlendedDataset calls get_rank() when caching; must work without dist."""
     code = (

@@ -472,6 +472,7 @@ def test_preprocess_null_tokenizer(tmp_path, capsys):
                   "--tokenizer-type", "NullTokenizer")
 
 
+@pytest.mark.slow
 def test_tools_run_as_scripts_from_repo_root(workdir, tmp_path):
     """What a user types; the CLI must not need PYTHONPATH or an installed package."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

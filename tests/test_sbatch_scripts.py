@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from megatron_drlora.config import add_drlora_args, config_from_args
 from megatron_drlora.launch.slurm import check_parallel_layout
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "examples" / "slurm"
@@ -69,7 +69,7 @@ def test_bash_syntax(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script):
-    if not shutil.which("shellcheck"):
+    if not shutil.which("shellcheck"):  # .ci/run installs it where apt and root are available
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     result = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -131,10 +131,13 @@ def test_olmoe_args_describe_olmoe():
                 "--normalization": ["RMSNorm"], "--position-embedding-type": ["rope"],
                 "--tensor-model-parallel-size": ["1"], "--expert-model-parallel-size": ["8"],
                 "--drlora-budget": ["64"], "--drlora-rank-init": ["32"],
-                "--drlora-rank-max": ["128"], "--lr": ["2e-5"], "--lr-warmup-fraction": ["0.03"]}
+                "--drlora-rank-max": ["128"], "--lr": ["2e-5"], "--lr-warmup-fraction": ["0.03"],
+                # OLMoE's q/k RMSNorm spans the whole projection (all heads): the converter
+                # writes OLMoE bases with --qk-layernorm-scope projection.
+                "--qk-layernorm-scope": ["projection"]}
     for flag, value in expected.items():
         assert v.get(flag) == value, flag
-    for switch in ("--swiglu", "--bf16"):
+    for switch in ("--swiglu", "--bf16", "--qk-layernorm"):
         assert v.get(switch) == [], switch
     for nodes in (1, 2, 4, 8, 16):  # every documented node count fits
         check_parallel_layout(8 * nodes, tp=1, ep=8, etp=1, num_experts=64, micro_batch_size=1,
@@ -223,12 +226,6 @@ sys.exit(0 if received else 3)
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -249,7 +246,7 @@ def _start_job(tmp_path, name, script):
         PATH=f"{out / 'bin'}{os.pathsep}{os.environ['PATH']}", E2E_OUT=out,
         SLURM_JOB_ID="4242", SLURM_JOB_NAME=name, SLURM_JOB_NODELIST="localhost",
         SLURM_JOB_NUM_NODES=1, SLURM_CPUS_PER_TASK=2, SLURM_SUBMIT_DIR=REPO,
-        NPROC_PER_NODE=2, MASTER_PORT=_free_port(), ARGS_FILE="examples/slurm/tiny_cpu.args",
+        NPROC_PER_NODE=2, MASTER_PORT=free_port(), ARGS_FILE="examples/slurm/tiny_cpu.args",
         CKPT=out / "ckpt", TRAIN_SCRIPT=out / "train.py", PYTHON=sys.executable,
         TORCHRUN=torchrun, OMP_NUM_THREADS=1)
     log = open(out / "job.log", "w")
@@ -263,6 +260,7 @@ def _ready(out):
                for r in (0, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("pkill"), reason="the node script forwards with pkill")
 @pytest.mark.skipif(shutil.which("torchrun") is None
                     and not Path(sys.executable).with_name("torchrun").exists(),
