@@ -34,3 +34,17 @@ def megatron_single():
 
     initialize_megatron_parallel(ParallelSizes(), seed=1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    """One folder for the examples/pretrain_gpt.py runs shared across test modules."""
+    return tmp_path_factory.mktemp("megatron_runs")
+
+
+@pytest.fixture(scope="session")
+def base(work):
+    """The tiny base of tests/train_flags.py, trained once by the entry without DR-LoRA."""
+    from tests.megatron_runs import make_base
+
+    return make_base(work / "base")

@@ -31,6 +31,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.dist_harness import REPO
+from tests.megatron_runs import drlora_run
 from tests.train_flags import DRLORA, EVENTS, LAYOUTS, TINY
 
 pytestmark = pytest.mark.slow
@@ -187,38 +188,36 @@ def _assert_same_training(got: Job, want: Job) -> None:
     assert _rank_events(got.ranks()) == _rank_events(want.ranks())
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("base") / "base"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), ENTRY] + TINY + [
-        "--train-iters", "2", "--init-from-identity", "--save", str(path),
-        "--save-interval", "2"]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=str(REPO), timeout=TIMEOUT,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return path
+class Reference:
+    """A finished single-node run of tests/megatron_runs.py (its log files in its --save)."""
+
+    def __init__(self, path: Path):
+        self.log_dir = path
+
+    steps = Job.steps
+    ranks = Job.ranks
 
 
-@pytest.fixture(scope="module")
-def one_node_ep2(tmp_path_factory, base) -> Job:
-    """The reference: `torchrun --nproc-per-node 2`, EP2, uninterrupted (shared: start-up is
-    most of a launch's cost on a small CPU box)."""
-    return _run(tmp_path_factory.mktemp("reference"), "one-node", 1, 2, EP2, base)
+def one_node(work, base, layout_name: str) -> Reference:
+    """`torchrun --nproc-per-node 2` of the same flags, shared with test_megatron_lm_entry.py
+    (DP2 is stopped and resumed there; resume is bitwise, so its log is an uninterrupted one)."""
+    stop_at = None if layout_name == "ep2" else 3
+    extra = LAYOUTS[layout_name] + (["--async-save"] if layout_name == "dp2" else [])
+    return Reference(drlora_run(work, base, layout_name, 2, extra, stop_at=stop_at))
 
 
 # --- two nodes == one node ----------------------------------------------------------------------
 @pytest.mark.parametrize("layout", [EP2, []], ids=["ep2", "dp2"])
-def test_two_nodes_train_exactly_like_one_node(tmp_path, request, layout, base):
-    one = request.getfixturevalue("one_node_ep2") if layout else \
-        _run(tmp_path, "one-node", 1, 2, layout, base)
+def test_two_nodes_train_exactly_like_one_node(tmp_path, work, base, layout):
+    one = one_node(work, base, "ep2" if layout else "dp2")
     two = _run(tmp_path, "two-nodes", 2, 1, layout, base)
     assert "using world size: 2" in two.output(0)
     events = [r["iteration"] for r in two.ranks() if r["kind"] == "event"]
     assert events == EVENTS
     _assert_same_training(two, one)
     norms = [m["grad_norm"] for m in two.steps()]
-    print(f"\n{'EP2' if layout else 'DP2'}: two nodes ({two.seconds:.1f}s) == one node "
-          f"({one.seconds:.1f}s), grad norms: {norms}")
+    print(f"\n{'EP2' if layout else 'DP2'}: two nodes ({two.seconds:.1f}s) == one node, "
+          f"grad norms: {norms}")
 
 
 # --- preemption ---------------------------------------------------------------------------------
@@ -265,9 +264,9 @@ def _interrupt(job: Job, sig: signal.Signals, only_rank: Optional[int], after: i
     (signal.SIGTERM, 2, None),   # scancel / preemption: every node forwards it to its workers
     (signal.SIGUSR1, 1, 1),      # time-limit warning seen by one rank only: MAX agrees to stop
 ], ids=["sigterm-two-nodes-all-ranks", "sigusr1-one-node-rank1-only"])
-def test_signal_saves_exits_zero_and_resumes_bitwise(tmp_path, one_node_ep2, base, sig,
-                                                     nnodes, only_rank):
-    uninterrupted = one_node_ep2
+def test_signal_saves_exits_zero_and_resumes_bitwise(tmp_path, work, base, sig, nnodes,
+                                                     only_rank):
+    uninterrupted = one_node(work, base, "ep2")
     ckpt = tmp_path / "ckpt"
     args = ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "100",
             "--exit-signal-handler", "--exit-signal", sig.name] + EP2

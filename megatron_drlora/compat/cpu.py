@@ -113,6 +113,7 @@ def enable_cpu_support() -> bool:
     _patch_megatron_optimizer()
     _patch_uneven_allgather()
     _patch_default_causal_mask()
+    _patch_checkpoint_results_queue()
     return True
 
 
@@ -328,6 +329,17 @@ def _patch_default_causal_mask() -> None:
     utils.get_default_causal_mask = get_default_causal_mask
     if hasattr(fused_softmax, "get_default_causal_mask"):
         fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
+def _patch_checkpoint_results_queue() -> None:
+    """dist_checkpointing's torch_dist writer (strategies/filesystem_async.py) collects write
+    results through a multiprocessing Manager started with the 'spawn' context: a fresh
+    interpreter that re-imports the training script, several seconds per process on a small
+    CPU box. Without CUDA nothing forbids 'fork', which starts it in milliseconds."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    original = filesystem_async.get_write_results_queue
+    filesystem_async.get_write_results_queue = lambda mp_mode="spawn": original("fork")
 
 
 def adjust_model_config(config) -> None:

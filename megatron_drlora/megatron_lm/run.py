@@ -73,6 +73,7 @@ class DRLoRARun:
         self._window_seconds = 0.0
         self._window_steps = 0
         self.last_step_seconds = 0.0
+        self._unwritten_steps = []
 
     # --- model construction (model provider) -----------------------------------------------
     def adapt(self, model, args) -> None:
@@ -183,8 +184,12 @@ class DRLoRARun:
         self._window_steps += 1
         iteration = args.curr_iteration + 1
         average = float(self.controller.rank_map.double().mean())
-        self.step_log.step(iteration, stepped, grad_norm, average, report.seconds, report.event,
-                           report.dropped)
+        # Whether a step's statistics were dropped as non-finite is known on the device only:
+        # the step records are written at log intervals, events, saves and the end, where
+        # Megatron-LM synchronises anyway, not after every step.
+        self._unwritten_steps.append((iteration, stepped, grad_norm, average, report))
+        if report.event or iteration % args.log_interval == 0 or iteration == args.train_iters:
+            self._write_steps()
         if report.event:
             _print0(report.log_line())
             self.rank_log.rank_map(report.step, self.controller.rank_map,
@@ -195,6 +200,12 @@ class DRLoRARun:
             self._plot()
 
     # --- logging ------------------------------------------------------------------------------
+    def _write_steps(self) -> None:
+        for iteration, stepped, grad_norm, average, report in self._unwritten_steps:
+            self.step_log.step(iteration, stepped, grad_norm, average, report.seconds,
+                               report.event, report.dropped)
+        self._unwritten_steps = []
+
     def rank_figures(self) -> Dict[str, float]:
         ranks = (self.controller.rank_map if self.controller is not None
                  else self.handle.initial_rank_map()).double()
@@ -241,6 +252,7 @@ class DRLoRARun:
         """The DR-LoRA state a checkpoint carries (before the controller exists, e.g. while
         Megatron-LM builds the request of a load, the initial one)."""
         if self.controller is not None:
+            self._write_steps()  # the log covers what the checkpoint covers
             state = self.controller.state_dict()
         else:
             state = {"rank_map": self.handle.initial_rank_map(), "saliency": None,
