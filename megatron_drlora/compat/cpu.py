@@ -338,7 +338,9 @@ def _patch_checkpoint_results_queue() -> None:
     CPU box. Without CUDA nothing forbids 'fork', which starts it in milliseconds."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    original = filesystem_async.get_write_results_queue
+    original = getattr(filesystem_async, "get_write_results_queue", None)
+    if original is None:  # megatron-core 0.16 keeps no such queue
+        return
     filesystem_async.get_write_results_queue = lambda mp_mode="spawn": original("fork")
 
 
