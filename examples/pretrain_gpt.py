@@ -42,7 +42,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, report_drlor
                           tolerance=0.0, fatal=True)
     report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
     if report_drlora:
-        report.update(setup.drlora_loss_report())
+        report.update(setup.drlora_loss_report(loss.device))
     return loss, num_tokens, report
 
 

@@ -74,6 +74,7 @@ class DRLoRARun:
         self._window_steps = 0
         self.last_step_seconds = 0.0
         self._unwritten_steps = []
+        self._loss_report = None  # (device, entries) of the current step
 
     # --- model construction (model provider) -----------------------------------------------
     def adapt(self, model, args) -> None:
@@ -180,6 +181,7 @@ class DRLoRARun:
         args = get_args()
         report = self.controller.finish(args.curr_iteration, stepped)
         self.last_step_seconds = report.seconds
+        self._loss_report = None
         self._window_seconds += report.seconds
         self._window_steps += 1
         iteration = args.curr_iteration + 1
@@ -212,12 +214,18 @@ class DRLoRARun:
         return {"avg rank": float(ranks.mean()), "min rank": float(ranks.min()),
                 "max rank": float(ranks.max())}
 
-    def loss_report(self) -> Dict[str, torch.Tensor]:
+    def loss_report(self, device) -> Dict[str, torch.Tensor]:
         """Entries for the forward step's loss dict: Megatron-LM averages them over the log
-        interval and prints them in its iteration line and to TensorBoard / W&B."""
-        figures = self.rank_figures()
-        figures["saliency ms"] = 1000.0 * self.last_step_seconds
-        return {f"drlora {name}": torch.tensor([value, 1.0]) for name, value in figures.items()}
+        interval and prints them in its iteration line and to TensorBoard / W&B. On the loss's
+        device (Megatron all-reduces them with NCCL on GPUs); built once per step, not per
+        micro-batch."""
+        if self._loss_report is None or self._loss_report[0] != device:
+            figures = self.rank_figures()
+            figures["saliency ms"] = 1000.0 * self.last_step_seconds
+            self._loss_report = (device, {f"drlora {name}": torch.tensor([value, 1.0],
+                                                                         device=device)
+                                          for name, value in figures.items()})
+        return self._loss_report[1]
 
     def _write_scalars(self, iteration: int, report) -> None:
         from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer

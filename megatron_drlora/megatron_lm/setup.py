@@ -54,12 +54,12 @@ def get_batch(data_iterator) -> Dict[str, torch.Tensor]:
     return batch
 
 
-def drlora_loss_report() -> Dict[str, torch.Tensor]:
-    """DR-LoRA's figures for the loss dict (empty without DR-LoRA)."""
+def drlora_loss_report(device) -> Dict[str, torch.Tensor]:
+    """DR-LoRA's figures for the loss dict, on `device` (empty without DR-LoRA)."""
     from megatron_drlora.megatron_lm.run import current_run
 
     run = current_run()
-    return run.loss_report() if run is not None and run.handle is not None else {}
+    return run.loss_report(device) if run is not None and run.handle is not None else {}
 
 
 def gpt_datasets(train_val_test_num_samples):
