@@ -136,12 +136,14 @@ def grouped_reference(fc1_w, fc2_w, bank, x, counts, probs):
     return torch.cat(outs)
 
 
-def test_grouped_linear_hooks_match_dense_reference():
-    """The TEGroupedMLP path (hooks on grouped linears taking m_splits), with a CPU stand-in."""
-    bank = _grouped_bank()
+@pytest.mark.parametrize("ffn,r_max", [(6, 6), (8, 8)], ids=["per-expert-loop", "grouped-mm"])
+def test_grouped_linear_hooks_match_dense_reference(ffn, r_max):
+    """The TEGroupedMLP path (hooks on grouped linears taking m_splits), with a CPU stand-in;
+    widths of 6 fp32 are not 16-byte aligned (the per-expert loop), 8 run torch's grouped_mm."""
+    bank = _grouped_bank(ffn=ffn, r_max=r_max)
     experts = torch.nn.Module()
-    experts.linear_fc1 = _CPUGroupedLinear(3, 8, 12, seed=1)
-    experts.linear_fc2 = _CPUGroupedLinear(3, 6, 8, seed=2)
+    experts.linear_fc1 = _CPUGroupedLinear(3, 8, 2 * ffn, seed=1)
+    experts.linear_fc2 = _CPUGroupedLinear(3, ffn, 8, seed=2)
     handles = attach.attach_to_grouped_linears(experts, bank, None)
     assert len(handles) == 2
     counts = [4, 0, 5]

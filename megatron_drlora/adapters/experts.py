@@ -116,6 +116,15 @@ def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
     return handles
 
 
+def _grouped(bank: ExpertLoRABank, preparers, name: str, x: torch.Tensor, counts):
+    """All local experts' delta of one projection in one grouped call (see lora_math)."""
+    prep_a, prep_b = preparers[name]
+    j = bank.projection_names.index(name)
+    return grouped_lora_delta(x, counts, prep_a(bank.factor(name, "A")),
+                              prep_b(bank.factor(name, "B")), bank.ranks_of(name), bank.scale,
+                              bank.dropout, bank.training, ranks_device=bank.ranks[:, j])
+
+
 def attach_to_grouped_linears(experts, bank: ExpertLoRABank, etp_group) -> List:
     """Hooks on TEGroupedMLP's grouped linear_fc1 / linear_fc2 (called as (x, m_splits))."""
     handles = []
@@ -127,11 +136,7 @@ def attach_to_grouped_linears(experts, bank: ExpertLoRABank, etp_group) -> List:
             out, bias = output
 
             def compute(name):
-                prep_a, prep_b = preparers[name]
-                return grouped_lora_delta(x, _as_list(m_splits), bank.factor(name, "A"),
-                                          bank.factor(name, "B"), bank.ranks_of(name),
-                                          bank.scale, bank.dropout, bank.training,
-                                          prep_a, prep_b)
+                return _grouped(bank, preparers, name, x, m_splits)
 
             return _apply_deltas(bank, linear, x, out, compute), bias
 
@@ -160,10 +165,7 @@ def attach_to_legacy_grouped(experts, bank: ExpertLoRABank, etp_group, gmm=None)
 
     def deltas(linear, x, out, counts):
         def compute(name):
-            prep_a, prep_b = preparers[name]
-            return grouped_lora_delta(x, counts, bank.factor(name, "A"), bank.factor(name, "B"),
-                                      bank.ranks_of(name), bank.scale, bank.dropout,
-                                      bank.training, prep_a, prep_b)
+            return _grouped(bank, preparers, name, x, counts)
 
         return _apply_deltas(bank, linear, x, out, compute)
 
@@ -173,7 +175,7 @@ def attach_to_legacy_grouped(experts, bank: ExpertLoRABank, etp_group, gmm=None)
             permuted_local_hidden_states = (permuted_probs.unsqueeze(-1)
                                             * permuted_local_hidden_states).to(dtype)
             permuted_probs = torch.ones_like(permuted_probs)
-        counts = _as_list(tokens_per_expert)
+        counts = tokens_per_expert  # grouped_gemm keeps it on the host; never read back here
         x = permuted_local_hidden_states
         w1 = self.weight1.view(self.num_local_experts, hidden, -1)
         w2 = self.weight2.view(self.num_local_experts, -1, hidden)
@@ -205,8 +207,3 @@ def _grouped_gemm_of_no_tokens(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     the LoRA deltas add to it whatever the number of local experts."""
     return torch.matmul(x.unsqueeze(0), w).sum(0)
 
-
-def _as_list(counts) -> List[int]:
-    if torch.is_tensor(counts):
-        return [int(c) for c in counts.tolist()]
-    return [int(c) for c in counts]

@@ -1,24 +1,28 @@
 """The LoRA delta of experts, computed on the active rank prefix only.
 
-Why prefix slicing: an expert at rank r of r_max multiplies by A[:r] and B[:, :r], so its
-cost is r * (k + d) per token, not r_max * (k + d). Autograd's slice backward writes exact
-zeros into the inactive rows of A and columns of B, so they get zero gradient on every backend,
-their Adam moments stay zero and they keep their init values until activated (algorithm.md
-section 2). Nothing here knows about processes; `replicated_grad` is injected by the caller.
+One expert (`lora_delta`): an expert at rank r of r_max multiplies by A[:r] and B[:, :r], so
+its cost is r * (k + d) per token. Autograd's slice backward writes exact zeros into the
+inactive rows of A and columns of B, so they get zero gradient on every backend, their Adam
+moments stay zero and they keep their init values until activated.
+
+Grouped experts (`grouped_lora_delta`): two grouped GEMMs over all local experts at the largest
+active rank (rounded up to 16 bytes), with the hidden columns above each expert's rank masked
+to exact zeros: the same output and gradients, a kernel count independent of the number of
+experts, at the cost of computing every expert at the widest rank of the layer.
+Nothing here knows about processes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-Identity = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
+# None on torches without F.grouped_mm: the per-expert loop is used then.
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ALIGN_BYTES = 16
 
 
 def lora_delta(
@@ -45,38 +49,123 @@ def lora_delta(
 
 def grouped_lora_delta(
     x: torch.Tensor,
-    tokens_per_expert: Sequence[int],
+    tokens_per_expert,
     a: torch.Tensor,
     b: torch.Tensor,
     ranks: Sequence[int],
     scale: float,
     dropout: float = 0.0,
     training: bool = False,
-    prepare_a: Identity = _identity,
-    prepare_b: Identity = _identity,
+    ranks_device: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """LoRA deltas of all local experts for tokens sorted by expert (grouped-GEMM layout).
 
     x: [T, k] with the first tokens_per_expert[0] rows for local expert 0, and so on;
-    a: [E, R, k]; b: [E, d, R]; ranks: active rank per local expert. Returns [T, d].
-    `prepare_a` / `prepare_b` wrap each expert's factor (the tensor-parallel gradient hook).
+    tokens_per_expert: host list or tensor (any device); a: [E, R, k]; b: [E, d, R];
+    ranks: active rank per local expert on the host (sizes the kernels), `ranks_device` the
+    same as a tensor (builds the mask; copied from `ranks` when not given). Returns [T, d].
+
+    Why grouped: the number of kernels per call does not grow with the number of local
+    experts (two grouped GEMMs at the largest active rank plus a rank mask). Where
+    `torch.nn.functional.grouped_mm` cannot run (older torch, float64, strides not 16-byte
+    aligned) the per-expert loop computes the same math.
     """
-    counts = [int(c) for c in tokens_per_expert]
-    if len(counts) != a.shape[0] or len(ranks) != a.shape[0]:
-        raise ValueError(
-            f"grouped_lora_delta: {len(counts)} token groups and {len(ranks)} ranks for "
-            f"{a.shape[0]} local experts")
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"grouped_lora_delta: tokens_per_expert sums to {sum(counts)}, "
-                         f"input has {x.shape[0]} tokens")
+    num_experts = a.shape[0]
+    if len(ranks) != num_experts:
+        raise ValueError(f"grouped_lora_delta: {len(ranks)} ranks for {num_experts} local "
+                         f"experts")
+    if torch.is_tensor(tokens_per_expert):
+        if tokens_per_expert.numel() != num_experts:
+            raise ValueError(f"grouped_lora_delta: {tokens_per_expert.numel()} token groups "
+                             f"for {num_experts} local experts")
+    else:
+        counts = [int(c) for c in tokens_per_expert]
+        if len(counts) != num_experts:
+            raise ValueError(f"grouped_lora_delta: {len(counts)} token groups for "
+                             f"{num_experts} local experts")
+        if sum(counts) != x.shape[0]:
+            raise ValueError(f"grouped_lora_delta: tokens_per_expert sums to {sum(counts)}, "
+                             f"input has {x.shape[0]} tokens")
+    if x.shape[0] == 0:
+        return _no_token_delta(x, a, b, scale)
+    if dropout > 0.0 and training:
+        x = F.dropout(x, p=dropout, training=True)
+    width = _grouped_width(x, a, b, ranks)
+    if width is not None:
+        return _grouped_delta(x, tokens_per_expert, a, b, ranks, ranks_device, width, scale)
+    counts = (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
+              else tokens_per_expert)
     pieces = []
     # unbind, not a[e]: one backward for all experts instead of a full-size zero gradient each
-    for chunk, rank, a_e, b_e in zip(torch.split(x, counts), ranks, a.unbind(0), b.unbind(0)):
-        pieces.append(lora_delta(chunk, prepare_a(a_e), prepare_b(b_e), int(rank), scale,
-                                 dropout, training))
-    if not pieces:
-        return x.new_zeros((0, b.shape[1]))
+    for chunk, rank, a_e, b_e in zip(torch.split(x, [int(c) for c in counts]), ranks,
+                                     a.unbind(0), b.unbind(0)):
+        pieces.append(lora_delta(chunk, a_e, b_e, int(rank), scale))
     return torch.cat(pieces, dim=0)
+
+
+def _no_token_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """[0, d] from empty products over all experts at once: every factor stays in the autograd
+    graph with an exact zero gradient (grouped_mm's backward refuses zero tokens)."""
+    hidden = torch.matmul(x.unsqueeze(0), a.transpose(1, 2))
+    return torch.matmul(hidden, b.transpose(1, 2)).sum(0) * scale
+
+
+def _grouped_width(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   ranks: Sequence[int]) -> Optional[int]:
+    """The rank width the grouped kernels run at, or None when they cannot run here.
+
+    The width is the largest active rank rounded up to 16 bytes (grouped GEMM needs 16-byte
+    aligned strides), capped at r_max. Everything is decided from shapes, strides and the
+    host copy of the ranks: no device read.
+    """
+    if _GROUPED_MM is None or x.shape[0] == 0:
+        return None
+    if not (x.dtype == a.dtype == b.dtype) or x.dtype not in _GROUPED_DTYPES:
+        return None
+    if x.device != a.device or x.device != b.device or x.stride(-1) != 1:
+        return None
+    item = x.element_size()
+    align = _ALIGN_BYTES // item
+    r_max = a.shape[1]
+    width = min(r_max, -(-max(max(ranks, default=0), 1) // align) * align)
+    strides = (x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), width,
+               b.shape[1])
+    if a.stride(2) != 1 or b.stride(2) != 1 or any(s * item % _ALIGN_BYTES for s in strides):
+        return None
+    if any(t.data_ptr() % _ALIGN_BYTES for t in (x, a, b)):
+        return None
+    return width
+
+
+def _device_counts(tokens_per_expert, device: torch.device) -> torch.Tensor:
+    """Tokens per expert as an int64 tensor on `device`: a host-to-device copy that does not
+    wait for the device (non_blocking), never a device-to-host read."""
+    if torch.is_tensor(tokens_per_expert):
+        counts = tokens_per_expert.to(torch.int64)
+    else:
+        counts = torch.tensor([int(c) for c in tokens_per_expert], dtype=torch.int64)
+    return counts.to(device, non_blocking=True)
+
+
+def _grouped_delta(x, counts, a, b, ranks, ranks_device, width, scale):
+    """Two grouped GEMMs at `width` for all experts; columns of the hidden product at or above
+    an expert's active rank are masked to exact zeros (masked_fill), so the output and every
+    gradient equal the per-expert prefix products, and the inactive rows of A / columns of B
+    get exact zero gradients. The mask is built on the device from the ranks tensor."""
+    num_experts, tokens = a.shape[0], x.shape[0]
+    counts = _device_counts(counts, x.device)
+    offs = counts.cumsum(0).to(torch.int32)
+    hidden = _GROUPED_MM(x, a[:, :width].transpose(1, 2), offs=offs)
+    if any(int(r) != width for r in ranks):
+        if ranks_device is None:
+            ranks_device = _device_counts(ranks, x.device)
+        expert_of_token = torch.repeat_interleave(
+            torch.arange(num_experts, device=x.device), counts, output_size=tokens)
+        inactive = (torch.arange(width, device=x.device)
+                    >= ranks_device.to(x.device)[expert_of_token].unsqueeze(1))
+        hidden = hidden.masked_fill(inactive, 0.0)
+    return _GROUPED_MM(hidden, b[:, :, :width].transpose(1, 2), offs=offs) * scale
 
 
 def add_to_fc1_half(out: torch.Tensor, delta: torch.Tensor, half: Optional[str]) -> torch.Tensor:
