@@ -87,8 +87,12 @@ class DRLoRARun:
         if len(self.chunks) < (args.virtual_pipeline_model_parallel_size or 1):
             return
         self.base_checkpoint = args.pretrained_checkpoint
-        load_base_checkpoint(self.base_checkpoint, self.chunks)
-        _print0(f"> loaded the frozen base from --pretrained-checkpoint {self.base_checkpoint}")
+        if self.base_checkpoint:
+            load_base_checkpoint(self.base_checkpoint, self.chunks)
+            _print0(f"> loaded the frozen base from --pretrained-checkpoint "
+                    f"{self.base_checkpoint}")
+        else:  # in-process use only (benchmarks): the command line requires a base
+            _print0("> no --pretrained-checkpoint: the base keeps its initialisation")
         # Megatron-LM would otherwise load --pretrained-checkpoint again as a --finetune start
         # when --load holds nothing; here the base is ours to load, the checkpoint is adapters.
         args.pretrained_checkpoint = None
