@@ -253,8 +253,8 @@ def test_tokenizer_mismatch(data, tmp_path):
 
     from megatron_drlora.megatron_lm.setup import _TokenizerIdentity
 
-    def megatron(kind, model=None, vocab_size=None):
-        args = megatron_tokenizer_args(kind, model, vocab_size)
+    def megatron(kind, model=None, vocab_size=None, **overrides):
+        args = megatron_tokenizer_args(kind, model, vocab_size, **overrides)
         return build_megatron_tokenizer(args), args
 
     for tok, args in (megatron("SentencePieceTokenizer", str(d / "tok.model")),
@@ -264,9 +264,28 @@ def test_tokenizer_mismatch(data, tmp_path):
     tok, args = megatron("SentencePieceTokenizer", str(tmp_path / "other.model"))
     with pytest.raises(TokenizerMismatchError, match="sha256"):
         check_tokenizer_matches(data["inst"], _TokenizerIdentity(tok, args))
-    tok, args = megatron("NullTokenizer", vocab_size=96)  # same size, eod 95 instead of 2
-    with pytest.raises(TokenizerMismatchError, match="eod is 95"):
+    # NullTokenizer (ids only, e.g. with a converted base): data of any tokenizer whose ids
+    # fit; its eod (95 here, the data's is 2) matters only where the run uses the eod
+    tok, args = megatron("NullTokenizer", vocab_size=96)
+    check_tokenizer_matches(data["inst"], _TokenizerIdentity(tok, args))
+    check_tokenizer_matches(data["inst"], megatron("NullTokenizer", vocab_size=200,
+                                                   null_tokenizer_eod_id=2)[0])
+    with pytest.raises(TokenizerMismatchError, match="eod is 95.*--null-tokenizer-eod-id 2"):
+        check_tokenizer_matches(data["inst"], tok)  # a bare tokenizer: the eod counts
+    args.eod_mask_loss = True
+    with pytest.raises(TokenizerMismatchError, match="eod is 95.*--null-tokenizer-eod-id 2"):
         check_tokenizer_matches(data["inst"], _TokenizerIdentity(tok, args))
+    args.null_tokenizer_eod_id = 2
+    check_tokenizer_matches(data["inst"], _TokenizerIdentity(
+        megatron("NullTokenizer", vocab_size=96, null_tokenizer_eod_id=2)[0], args))
+    with pytest.raises(TokenizerMismatchError, match="vocab size 96 .*more than --vocab-size 90"):
+        check_tokenizer_matches(data["inst"], megatron("NullTokenizer", vocab_size=90)[0])
+    # no tokenizer object (the documented NullTokenizer crash): the flags say what it is
+    args = megatron_tokenizer_args("NullTokenizer", vocab_size=96)
+    check_tokenizer_matches(data["inst"], _TokenizerIdentity(None, args))
+    with pytest.raises(TokenizerMismatchError, match="no training tokenizer"):
+        check_tokenizer_matches(data["inst"], _TokenizerIdentity(
+            None, megatron_tokenizer_args("SentencePieceTokenizer", str(d / "tok.model"))))
     no_eod = SimpleNamespace(vocab_size=96, eod=None, model_path=None)
     with pytest.raises(TokenizerMismatchError, match="eod is None"):
         check_tokenizer_matches(data["inst"], no_eod)

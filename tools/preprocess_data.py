@@ -24,6 +24,13 @@ root):
     # PREFIX_text_document_lossmask.{bin,idx} holds 0 for prompt tokens, 1 for response tokens
     # and eod, with identical document lengths.
 
+    # chat data (auto-detected from {"messages": [{"role", "content"}, ...]} records, or
+    # --json-keys messages; prompt/response records too with --apply-chat-template), rendered
+    # with the chat template of a Hugging Face tokenizer directory (or --chat-template FILE):
+    # PREFIX_text_document holds apply_chat_template's ids, the _lossmask 1 on assistant tokens
+    python tools/preprocess_data.py --input chat.jsonl --output-prefix data/chat --workers 8 \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/my-model --append-eod
+
 Supported --tokenizer-type: SentencePieceTokenizer (the default), GPTSentencePieceTokenizer,
 Llama2Tokenizer, HuggingFaceTokenizer and NullTokenizer (eod = --vocab-size - 1 unless
 --null-tokenizer-eod-id).
@@ -33,7 +40,21 @@ the .model file or of tokenizer.json, vocab size, eod, counts, whether a loss ma
 that training can refuse data made with another tokenizer
 (megatron_drlora.data.dataset.check_tokenizer_matches).
 
-Prompt and response are tokenized separately and concatenated: at generation time the prompt
+Chat records (megatron_drlora/data/chat.py): roles system, user, assistant; every record needs
+an assistant turn and non-empty text content, which is checked for the whole file before any
+tokenization. The ids are exactly transformers' apply_chat_template(messages, tokenize=True)
+(the template writes bos if the model wants one; the text is tokenized without adding special
+tokens). The assistant tokens are those whose characters fall in an assistant turn: the
+template's {% generation %} blocks when it has them, else by prefix rendering (an assistant
+turn spans from the end of the rendered conversation before it, generation prompt included, to
+the end of the rendered conversation through it, i.e. the reply and the template's
+end-of-turn text). With --append-eod the eod is appended unless the last assistant turn (or
+what follows it) already holds it (a template that ends replies with eos_token); it is a loss
+token when the record ends with an assistant turn. --max-document-length N cuts longer
+documents (Megatron's GPTDataset otherwise packs whole documents into --seq-length samples
+across document boundaries).
+
+Prompt and response are tokenized separately and concatenated (without --apply-chat-template): at generation time the prompt
 is tokenized alone, so the model sees exactly the prompt tokens it was trained on. Special
 tokens a tokenizer puts before every text (a Hugging Face bos) stay on the prompt only.
 
@@ -63,6 +84,7 @@ from megatron_drlora.data.synthetic import JsonlError  # noqa: E402
 from megatron_drlora.data.tokenizer import (  # noqa: E402
     PREPROCESS_TOKENIZERS,
     DocumentEncoder,
+    RecordChecker,
     build_megatron_tokenizer,
     encode_chunk_in_worker,
     init_encoder_worker,
@@ -73,6 +95,7 @@ from megatron_drlora.data.tokenizer import (  # noqa: E402
 )
 
 INSTRUCTION_KEYS = ("prompt", "response")
+CHAT_KEYS = ("messages",)
 CHUNK_LINES = 256
 """Lines per task sent to a worker process."""
 
@@ -94,6 +117,7 @@ def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
                            "Hugging Face tokenizer directory.")
         group.add_argument("--vocab-size", type=int, help="NullTokenizer's number of ids.")
         group.add_argument("--null-tokenizer-eod-id", type=int)
+        group.add_argument("--chat-template", help="Chat template (Jinja).")
     parser.set_defaults(tokenizer_type="SentencePieceTokenizer")
 
 
@@ -103,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--input", required=True, help="Path to the input JSONL file.")
     group.add_argument("--json-keys", nargs="+", default=None,
                        help="Fields to tokenize. One dataset per key (Megatron-LM behaviour), "
-                       "or 'prompt response' for instruction data with a loss mask. Default: "
-                       "'text', or 'prompt response' when the first record has those fields.")
+                       "'prompt response' for instruction data with a loss mask, or 'messages' "
+                       "for chat records (rendered with the chat template, loss on assistant "
+                       "tokens). Default: 'text', else 'messages' or 'prompt response' when "
+                       "the first record has those fields.")
+    group.add_argument("--apply-chat-template", action="store_true",
+                       help="Render prompt/response records with the chat template too (as "
+                       "[system], user, assistant turns) instead of concatenating prompt and "
+                       "response. The template is the tokenizer's own, or --chat-template "
+                       "(a Jinja file or string).")
     group.add_argument("--split-sentences", action="store_true",
                        help="Not supported (documents are not split); accepted for a clear "
                        "error.")
@@ -113,7 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("tokenization process")
     group.add_argument("--append-eod", action="store_true",
                        help="Append the end-of-document token (the tokenizer's eod) to every "
-                       "document.")
+                       "document (chat: unless the template already ends the last "
+                       "assistant turn with it).")
+    group.add_argument("--max-document-length", type=int, default=None,
+                       help="Cut documents longer than this many tokens to their first tokens "
+                       "(the eod goes with the cut); documents left without a loss token are "
+                       "dropped. Default: keep documents whole (Megatron's GPTDataset packs "
+                       "them into --seq-length samples across document boundaries).")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True,
                        help="Output path prefix; writes PREFIX_<key>_document.{bin,idx}.")
@@ -153,16 +190,30 @@ def _first_record(path: str):
     raise ValueError(f"--input {path} is empty (no JSON records); nothing to preprocess")
 
 
-def resolve_keys(json_keys, first_record: dict):
-    """(mode, keys): mode 'instruction' for prompt+response, else 'text' with one dataset/key."""
+def resolve_keys(json_keys, first_record: dict, apply_chat_template: bool = False):
+    """(mode, keys): 'chat' for messages (or prompt/response with --apply-chat-template),
+    'instruction' for prompt+response, else 'text' with one dataset per key."""
+    pair = "chat" if apply_chat_template else "instruction"
     if json_keys is None:
+        if "text" not in first_record and "messages" in first_record:
+            return "chat", list(CHAT_KEYS)
         if "text" not in first_record and all(k in first_record for k in INSTRUCTION_KEYS):
-            return "instruction", list(INSTRUCTION_KEYS)
+            return pair, list(INSTRUCTION_KEYS)
+        if apply_chat_template:
+            raise ValueError("--apply-chat-template: the first record has no prompt/response "
+                             "(or messages) fields")
         return "text", ["text"]
     if len(set(json_keys)) != len(json_keys):
         raise ValueError(f"--json-keys lists a key twice: {' '.join(json_keys)}")
+    if list(json_keys) == list(CHAT_KEYS):
+        return "chat", list(CHAT_KEYS)
     if sorted(json_keys) == sorted(INSTRUCTION_KEYS):
-        return "instruction", list(INSTRUCTION_KEYS)
+        return pair, list(INSTRUCTION_KEYS)
+    if "messages" in json_keys:
+        raise ValueError(f"--json-keys {' '.join(json_keys)}: chat records take --json-keys "
+                         "messages alone")
+    if apply_chat_template:
+        raise ValueError("--apply-chat-template needs prompt/response (or messages) records")
     if any(k in INSTRUCTION_KEYS for k in json_keys):
         raise ValueError(f"--json-keys {' '.join(json_keys)}: 'prompt' and 'response' go "
                          "together (instruction data); give --json-keys prompt response")
@@ -189,16 +240,16 @@ class _Output:
         self.num_tokens = 0
         self.num_loss_tokens = 0
 
-    def add(self, token_ids, prompt_length: int = 0) -> None:
-        """One document; with a loss mask, its first `prompt_length` tokens get mask 0."""
+    def add(self, token_ids, loss_mask=None) -> None:
+        """One document and, with a loss mask dataset, its mask (1 = train on this token)."""
         import numpy
 
         self.tokens.add_document(numpy.asarray(token_ids, dtype=numpy.int64), [len(token_ids)])
         if self.mask is not None:
-            mask = numpy.ones(len(token_ids), dtype=numpy.uint8)
-            mask[:prompt_length] = 0
+            mask = numpy.asarray(loss_mask, dtype=numpy.uint8)
+            assert mask.shape[0] == len(token_ids)
             self.mask.add_document(mask, [len(mask)])
-            self.num_loss_tokens += len(token_ids) - prompt_length
+            self.num_loss_tokens += int(mask.sum())
         self.num_documents += 1
         self.num_tokens += len(token_ids)
 
@@ -267,6 +318,8 @@ def encoded_chunks(encoder: DocumentEncoder, path: str, workers: int):
         for chunk in _chunks(path):
             yield encoder.encode_chunk(chunk)
         return
+    # Hugging Face fast tokenizers must not use their own thread pool across a fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with _mp_context().Pool(workers, initializer=init_encoder_worker,
                             initargs=(encoder,)) as pool:
         pending = collections.deque()
@@ -280,15 +333,19 @@ def encoded_chunks(encoder: DocumentEncoder, path: str, workers: int):
 
 def tokenizer_args_of(args: argparse.Namespace) -> argparse.Namespace:
     """The Namespace build_tokenizer reads, from this tool's flags (training's defaults)."""
+    from megatron_drlora.data.chat import read_template_flag
+
     values = {k: getattr(args, k, v) for k, v in tokenizer_defaults().items()}
     values["pad_vocab_size"] = False
+    values["chat_template"] = read_template_flag(getattr(args, "chat_template", None))
     return argparse.Namespace(**values)
 
 
 class _Progress:
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, total_bytes: int = 0):
         self.interval, self.start, self.documents, self.bytes = interval, time.time(), 0, 0
         self.reported = 0
+        self.total_bytes = total_bytes
 
     def add(self, documents: int, nbytes: int) -> None:
         before = self.documents
@@ -300,8 +357,27 @@ class _Progress:
     def report(self) -> None:
         self.reported = self.documents
         elapsed = max(time.time() - self.start, 1e-9)
+        share = (f", {100.0 * self.bytes / self.total_bytes:.1f}% of the input"
+                 if self.total_bytes else "")
         print(f"processed {self.documents} documents ({self.documents / elapsed:.0f} docs/s, "
-              f"{self.bytes / elapsed / 1e6:.2f} MB/s)", file=sys.stderr, flush=True)
+              f"{self.bytes / elapsed / 1e6:.2f} MB/s{share})", file=sys.stderr, flush=True)
+
+
+def _chat_template(args, tokenizer, tokenizer_args) -> str:
+    """The chat template chat mode renders with; ValueError before any work when there is
+    none or the tokenizer cannot render one (not a Hugging Face directory, not fast)."""
+    from megatron_drlora.data.chat import ChatRenderer, hf_tokenizer_of, resolve_template
+
+    if args.tokenizer_type != "HuggingFaceTokenizer":
+        raise ValueError(
+            f"chat records (or --apply-chat-template) need --tokenizer-type "
+            f"HuggingFaceTokenizer with a local Hugging Face tokenizer directory (got "
+            f"{args.tokenizer_type}); with a SentencePiece model use prompt/response records "
+            "without a template")
+    hf = hf_tokenizer_of(tokenizer, args.tokenizer_model)
+    template = resolve_template(hf, tokenizer_args.chat_template, args.tokenizer_model)
+    ChatRenderer(hf, template)  # refuses slow tokenizers
+    return template
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -321,31 +397,46 @@ def run(args: argparse.Namespace) -> dict:
     if args.append_eod and eod is None:
         raise ValueError(f"--append-eod: the tokenizer {args.tokenizer_model} has no eod "
                          "(eos) token; give it one, or drop --append-eod")
-    mode, keys = resolve_keys(args.json_keys, _first_record(args.input))
-    if mode == "instruction" and not args.append_eod:
-        print("warning: instruction data without --append-eod: the model never learns to "
-              "stop after the response", file=sys.stderr)
+    if args.max_document_length is not None and args.max_document_length < 1:
+        raise ValueError(f"--max-document-length must be >= 1, got {args.max_document_length}")
+    mode, keys = resolve_keys(args.json_keys, _first_record(args.input),
+                              args.apply_chat_template)
+    template = _chat_template(args, tokenizer, tokenizer_args) if mode == "chat" else None
+    if mode in ("instruction", "chat") and not args.append_eod:
+        print(f"warning: {mode} data without --append-eod: documents have no end-of-document "
+              "token, so the model may not learn to stop after a reply", file=sys.stderr)
+    if mode == "chat":  # every record checked before any tokenization
+        for _ in encoded_chunks(RecordChecker(args.input, keys != list(CHAT_KEYS)),
+                                args.input, args.workers):
+            pass
     token_dtype = _indexed_dataset().DType.optimal_dtype(vocab_size)
     encoder = DocumentEncoder(tokenizer_args, mode, keys, bool(args.append_eod), args.input,
-                              tokenizer=tokenizer)
-    names = ["text"] if mode == "instruction" else keys
+                              tokenizer=tokenizer, chat_template=template,
+                              max_length=args.max_document_length)
+    masked = mode in ("instruction", "chat")
+    names = ["text"] if masked else keys
 
     outputs = {}
     skipped = {}
-    progress = _Progress(args.log_interval)
+    truncated = dict.fromkeys(names, 0)
+    dropped = dict.fromkeys(names, 0)
+    progress = _Progress(args.log_interval, os.path.getsize(args.input))
     chunks = encoded_chunks(encoder, args.input, args.workers)
     try:
         for key in names:
             outputs[key] = _Output(dataset_prefix(args.output_prefix, key), token_dtype,
-                                   with_mask=mode == "instruction")
+                                   with_mask=masked)
             skipped[key] = 0
         for results in chunks:
             for _, docs, nbytes in results:
-                for key, (ids, prompt_length) in zip(names, docs):
-                    if ids:
-                        outputs[key].add(ids, prompt_length)
-                    else:  # a zero-length document carries nothing to train on
+                for key, (ids, mask, cut) in zip(names, docs):
+                    truncated[key] += cut
+                    if not ids:  # a zero-length document carries nothing to train on
                         skipped[key] += 1
+                    elif mask is not None and not any(mask):  # truncated before any reply
+                        dropped[key] += 1
+                    else:
+                        outputs[key].add(ids, mask)
                 progress.add(1, nbytes)
         if args.log_interval > 0 and progress.reported not in (0, progress.documents):
             progress.report()  # the final count
@@ -359,13 +450,14 @@ def run(args: argparse.Namespace) -> dict:
         defaults = tokenizer_defaults()
         options = {k: v for k, v in sorted(vars(tokenizer_args).items())
                    if v != defaults.get(k) and k not in (
-                       "tokenizer_type", "tokenizer_model", "vocab_size", "pad_vocab_size")}
+                       "tokenizer_type", "tokenizer_model", "vocab_size", "pad_vocab_size",
+                       "chat_template")}
         metas = {}
         for key, out in outputs.items():
             meta = {
                 "format_version": 2,
                 "input": os.path.abspath(args.input),
-                "json_keys": keys if mode == "instruction" else [key],
+                "json_keys": keys if masked else [key],
                 "mode": mode,
                 "tokenizer_type": args.tokenizer_type,
                 "tokenizer_model": model,
@@ -378,8 +470,18 @@ def run(args: argparse.Namespace) -> dict:
                 "num_documents": out.num_documents,
                 "num_tokens": out.num_tokens,
                 "skipped_empty_documents": skipped[key],
+                "max_document_length": args.max_document_length,
+                "truncated_documents": truncated[key],
+                "dropped_documents_without_loss_tokens": dropped[key],
                 "has_loss_mask": out.mask is not None,
             }
+            if template is not None:
+                from megatron_drlora.data.chat import template_sha256
+
+                meta["chat_template_sha256"] = template_sha256(template)
+                meta["chat_template_source"] = ("--chat-template" if args.chat_template
+                                                else "tokenizer")
+                meta["assistant_mask_method"] = encoder.renderer.method
             if out.mask is not None:
                 meta["num_loss_tokens"] = out.num_loss_tokens
             metas[out.prefix] = meta

@@ -171,6 +171,16 @@ def _max_token_id(prefix: str) -> int:
     return result
 
 
+def _ids_only(tokenizer) -> bool:
+    """Whether `tokenizer` only knows token ids (Megatron's NullTokenizer, or an identity that
+    says so), so data made by any tokenizer fits it when its ids are in range."""
+    flag = getattr(tokenizer, "ids_only", None)
+    if flag is not None:
+        return bool(flag)
+    library = getattr(tokenizer, "_tokenizer", tokenizer)
+    return type(library).__name__ == "NullTokenizer"
+
+
 def check_tokenizer_matches(prefix: str, tokenizer, scan_tokens: bool = True) -> None:
     """Raise TokenizerMismatchError if `prefix` was not tokenized with `tokenizer`.
 
@@ -183,14 +193,42 @@ def check_tokenizer_matches(prefix: str, tokenizer, scan_tokens: bool = True) ->
     or tokenizer.json when both sides have a model file), and with `scan_tokens` also checks
     that every token id is < tokenizer.vocab_size, which catches data from another tokenizer
     even without a sidecar (e.g. made by Megatron-LM's own tool).
+
+    An ids-only training tokenizer (NullTokenizer, e.g. `--tokenizer-type NullTokenizer
+    --vocab-size V` with a converted base) takes data made by a real tokenizer when the data's
+    vocabulary fits in V; its eod must equal the data's only where the run uses the eod
+    (`eod_used` on the identity: --eod-mask-loss, --reset-position-ids,
+    --reset-attention-mask; default True), and the fix is then --null-tokenizer-eod-id.
     """
     from megatron_drlora.data.tokenizer import tokenizer_eod
 
     check_dataset_prefix(prefix)
     fix = ("re-run tools/preprocess_data.py with the training tokenizer, or train with the "
            "tokenizer the data was made with (--tokenizer-type/--tokenizer-model)")
+    if tokenizer is None or getattr(tokenizer, "vocab_size", None) is None:
+        raise TokenizerMismatchError(
+            f"{prefix}: no training tokenizer to check the data against (got {tokenizer!r}); "
+            "give --tokenizer-type and --tokenizer-model, or --tokenizer-type NullTokenizer "
+            "--vocab-size V")
     vocab_size = int(tokenizer.vocab_size)
     meta = read_meta(prefix)
+    if (meta is not None and _ids_only(tokenizer)
+            and meta.get("tokenizer_type") != "NullTokenizer"):
+        made_with = meta.get("tokenizer_model") or meta.get("tokenizer_type")
+        if int(meta["vocab_size"]) > vocab_size:
+            raise TokenizerMismatchError(
+                f"{prefix}: made with a tokenizer of vocab size {meta['vocab_size']} "
+                f"({made_with}), more than --vocab-size {vocab_size} of the NullTokenizer; "
+                f"{fix}")
+        eod = tokenizer_eod(tokenizer)
+        if (getattr(tokenizer, "eod_used", True) and meta.get("eod") is not None
+                and meta.get("append_eod", True) and eod != int(meta["eod"])):
+            raise TokenizerMismatchError(
+                f"{prefix}: documents end with token {meta['eod']} ({made_with}) but the "
+                f"NullTokenizer's eod is {eod}, and this run uses the eod (--eod-mask-loss / "
+                f"--reset-position-ids / --reset-attention-mask); add --null-tokenizer-eod-id "
+                f"{meta['eod']}")
+        meta = None  # nothing else to compare with an ids-only tokenizer
     if meta is not None:
         made_with = meta.get("tokenizer_model") or meta.get("tokenizer_type")
         if int(meta["vocab_size"]) != vocab_size:

@@ -253,28 +253,51 @@ def parse_jsonl_line(path: str, lineno: int, line: str) -> dict:
 class DocumentEncoder:
     """JSONL lines -> documents, with Megatron's tokenizer; picklable for worker processes.
 
-    Text mode: one document per key. Instruction mode (keys prompt, response): prompt and
-    response tokenized separately and concatenated, with the count of prompt tokens for the loss
-    mask; a tokenizer that adds leading special tokens (e.g. bos) to every text keeps them on the
-    prompt only. NullTokenizer reads token ids: a JSON list of ints (or a string of
-    space-separated ints, as Megatron-LM's tool takes).
+    Modes:
+    - text: one document per key;
+    - instruction (keys prompt, response): prompt and response tokenized separately and
+      concatenated, mask 0 on the prompt; a tokenizer that adds leading special tokens (e.g.
+      bos) to every text keeps them on the prompt only;
+    - chat (key messages, or prompt/response with a chat template): the record rendered with
+      the chat template, mask 1 on assistant tokens only (megatron_drlora.data.chat).
+    NullTokenizer reads token ids: a JSON list of ints (or a string of space-separated ints,
+    as Megatron-LM's tool takes).
+
+    End of document (append_eod): text and instruction documents end with eod; a chat document
+    gets eod unless its last assistant turn (or what follows it) already holds the eod token
+    (a template that closes turns with eos_token). The eod is a loss token when the record
+    ends with an assistant turn. max_length cuts longer documents to their first max_length
+    tokens (the eod goes with the cut).
     """
 
     def __init__(self, tokenizer_args, mode: str, keys: Sequence[str], append_eod: bool,
-                 path: str, tokenizer=None):
+                 path: str, tokenizer=None, chat_template: Optional[str] = None,
+                 max_length: Optional[int] = None):
         self.tokenizer_args = tokenizer_args
         self.mode, self.keys, self.append_eod, self.path = mode, list(keys), append_eod, path
+        self.chat_template, self.max_length = chat_template, max_length
         self._tokenizer = tokenizer
         self._lead = None
+        self._renderer = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokenizer": None, "_lead": None}
+        return {**self.__dict__, "_tokenizer": None, "_lead": None, "_renderer": None}
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = build_megatron_tokenizer(self.tokenizer_args)
         return self._tokenizer
+
+    @property
+    def renderer(self):
+        """The chat renderer (chat mode), built once per process."""
+        if self._renderer is None:
+            from megatron_drlora.data.chat import ChatRenderer, hf_tokenizer_of
+
+            hf = hf_tokenizer_of(self.tokenizer, self.tokenizer_args.tokenizer_model)
+            self._renderer = ChatRenderer(hf, self.chat_template)
+        return self._renderer
 
     @property
     def null(self) -> bool:
@@ -314,17 +337,42 @@ class DocumentEncoder:
         n = len(self._lead)
         return ids[n:] if n and ids[:n] == self._lead else ids
 
-    def encode(self, lineno: int, line: str) -> Optional[List[Tuple[List[int], int]]]:
-        """One JSONL line -> [(ids, prompt_length)] per output dataset; None for a blank line."""
+    def _chat(self, record: dict, lineno: int):
+        from megatron_drlora.data.chat import chat_messages
+
+        messages = chat_messages(record, self.path, lineno,
+                                 prompt_response=self.keys != ["messages"])
+        ids, mask = self.renderer.encode(messages, f"{self.path}:{lineno}")
+        eod = tokenizer_eod(self.tokenizer)
+        if self.append_eod:
+            last = len(mask) - 1 - mask[::-1].index(1)  # last assistant token
+            while last > 0 and mask[last - 1]:
+                last -= 1  # start of the last assistant turn
+            if eod not in ids[last:]:
+                ids.append(eod)
+                mask.append(int(messages[-1]["role"] == "assistant"))
+        return ids, mask
+
+    def _cut(self, ids: List[int], mask: Optional[List[int]]):
+        if self.max_length and len(ids) > self.max_length:
+            return ids[:self.max_length], (None if mask is None else mask[:self.max_length]), 1
+        return ids, mask, 0
+
+    def encode(self, lineno: int, line: str) -> Optional[List[Tuple[List[int], Optional[List[int]],
+                                                                    int]]]:
+        """One JSONL line -> [(ids, loss mask or None, truncated)] per output dataset; None
+        for a blank line."""
         if not line.strip():
             return None
         record = parse_jsonl_line(self.path, lineno, line)
+        if self.mode == "chat":
+            return [self._cut(*self._chat(record, lineno))]
         eod = [tokenizer_eod(self.tokenizer)] if self.append_eod else []
         if self.mode == "instruction":
             prompt = self._ids(record, "prompt", lineno)
             response = self._strip_lead(self._ids(record, "response", lineno)) + eod
-            return [(prompt + response, len(prompt))]
-        return [(self._ids(record, key, lineno) + eod, 0) for key in self.keys]
+            return [self._cut(prompt + response, [0] * len(prompt) + [1] * len(response))]
+        return [self._cut(self._ids(record, key, lineno) + eod, None) for key in self.keys]
 
     def encode_chunk(self, chunk: Sequence[Tuple[int, str]]):
         """[(lineno, line)] -> [(lineno, encode(...), bytes)], blank lines left out."""
@@ -334,6 +382,23 @@ class DocumentEncoder:
             if docs is not None:
                 out.append((lineno, docs, len(line)))
         return out
+
+
+class RecordChecker:
+    """Checks chat / instruction records before any tokenization (tools/preprocess_data.py's
+    first pass): same interface as DocumentEncoder.encode_chunk, returns nothing."""
+
+    def __init__(self, path: str, prompt_response: bool):
+        self.path, self.prompt_response = path, prompt_response
+
+    def encode_chunk(self, chunk: Sequence[Tuple[int, str]]):
+        from megatron_drlora.data.chat import chat_messages
+
+        for lineno, line in chunk:
+            if line.strip():
+                chat_messages(parse_jsonl_line(self.path, lineno, line), self.path, lineno,
+                              self.prompt_response)
+        return []
 
 
 _WORKER_ENCODER: Optional[DocumentEncoder] = None

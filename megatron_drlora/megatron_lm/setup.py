@@ -104,9 +104,22 @@ def gpt_datasets(train_val_test_num_samples):
 
 
 class _TokenizerIdentity:
-    """What check_tokenizer_matches reads, from Megatron's tokenizer and its model file."""
+    """What check_tokenizer_matches reads, from Megatron's tokenizer and its model file.
+
+    NullTokenizer (`ids_only`): its vocabulary and eod come from the flags when no tokenizer
+    object is at hand, and the data's eod matters only where the run uses it."""
 
     def __init__(self, tokenizer, args):
-        self.vocab_size = tokenizer.vocab_size
-        self.eod = tokenizer.eod
-        self.model_path = args.tokenizer_model
+        self.ids_only = args.tokenizer_type == "NullTokenizer"
+        self.eod_used = any(getattr(args, flag, False) for flag in (
+            "eod_mask_loss", "reset_position_ids", "reset_attention_mask"))
+        if tokenizer is None and self.ids_only and args.vocab_size:
+            self.vocab_size = int(args.vocab_size)
+            eod = getattr(args, "null_tokenizer_eod_id", None)
+            self.eod = int(eod) if eod is not None else self.vocab_size - 1
+        elif tokenizer is None:
+            self.vocab_size = self.eod = None  # check_tokenizer_matches says what is missing
+        else:
+            self.vocab_size = tokenizer.vocab_size
+            self.eod = tokenizer.eod
+        self.model_path = None if self.ids_only else args.tokenizer_model
