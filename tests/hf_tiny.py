@@ -57,23 +57,51 @@ def randomize(model, seed: int = 0) -> None:
             p.copy_(0.15 * noise)
 
 
-def make_hf_model(family: str, path: str, seed: int = 0, **overrides) -> str:
+def make_hf_model(family: str, path: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  name_or_path=None, **overrides) -> str:
     """Save a tiny random model of `family` to `path` (config written so transformers 4 reads
-    it too); returns path."""
+    it too) in `dtype`; `name_or_path` goes to config.json's `_name_or_path` (what
+    from_pretrained of a hub id leaves there); returns path."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family, **overrides),
                                              dtype=torch.float32)
     randomize(model, seed)
+    model = model.to(dtype)
     model.save_pretrained(path)
     cfg_file = os.path.join(path, "config.json")
     with open(cfg_file) as fh:
         cfg = json.load(fh)
     if family == "qwen3_moe" and "num_experts" not in cfg:  # transformers 4 reads this key
         cfg["num_experts"] = cfg["num_local_experts"]
-        with open(cfg_file, "w") as fh:
-            json.dump(cfg, fh, indent=2)
+    if name_or_path is not None:
+        cfg["_name_or_path"] = name_or_path
+    with open(cfg_file, "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    return path
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(path: str, size: int = VOCAB - 10) -> str:
+    """A word-level Hugging Face tokenizer of `size` tokens (< the tiny models' VOCAB rows, as
+    real tokenizers often are) with a chat template, saved into `path` the way save_pretrained
+    does (tokenizer.json, tokenizer_config.json); returns path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    words = [f"w{i}" for i in range(size - len(special))]
+    vocab = {tok: i for i, tok in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>",
+                                   additional_special_tokens=special[2:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
     return path
 
 

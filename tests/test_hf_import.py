@@ -187,3 +187,247 @@ def test_missing_tensor_and_no_safetensors_are_refused(hf_models, tmp_path):
     torch.save({}, broken / "pytorch_model.bin")
     with pytest.raises(HFInteropError, match="no \\*.safetensors weights.*pytorch_model.bin"):
         HFCheckpoint(str(broken))
+
+
+# --- dtype ----------------------------------------------------------------------------------
+def _saved_dtypes(save):
+    from megatron_drlora.hf.megatron_reader import DistCheckpoint
+
+    return {str(m.dtype) for m in DistCheckpoint(str(save), "--save").meta.values()}
+
+
+def test_bf16_checkpoint_gives_a_bf16_base(megatron_single, tmp_path):
+    """bf16 safetensors stay bf16 in the Megatron base (no fp32 copy on disk), and the base is
+    the HF model exactly: Megatron in fp32 from the bf16 base = transformers in fp32 from the
+    bf16 weights."""
+    from megatron_drlora.hf.importer import convert
+
+    hf_dir = make_hf_model("olmoe", str(tmp_path / "hf"), dtype=torch.bfloat16)
+    result = convert(hf_dir, str(tmp_path / "base"), log=lambda s: None)
+    assert result["dtype"] == result["source_dtype"] == "bf16"
+    assert _saved_dtypes(tmp_path / "base") == {"torch.bfloat16"}
+    source = json.load(open(tmp_path / "base" / "hf_source.json"))
+    assert source["dtype"] == source["source_dtype"] == "bf16"
+    assert "stored in bf16" in open(tmp_path / "base" / "model.args").read()
+    diff = _megatron_vs_hf(str(tmp_path / "base"), hf_dir)
+    assert diff < TOL, diff
+
+
+def test_dtype_flag_overrides_the_checkpoint_dtype(megatron_single, hf_models, tmp_path):
+    from megatron_drlora.hf.importer import build_parser, convert
+
+    hf_bf16 = make_hf_model("qwen3_moe", str(tmp_path / "hf"), dtype=torch.bfloat16)
+    result = convert(hf_bf16, str(tmp_path / "fp32"), dtype="fp32", log=lambda s: None)
+    assert (result["dtype"], result["source_dtype"]) == ("fp32", "bf16")
+    assert _saved_dtypes(tmp_path / "fp32") == {"torch.float32"}
+    assert _megatron_vs_hf(str(tmp_path / "fp32"), hf_bf16) < TOL  # bf16 -> fp32 is exact
+    # an fp32 checkpoint (the tiny models) written as fp16
+    result = convert(str(hf_models / "mixtral"), str(tmp_path / "fp16"), dtype="fp16",
+                     log=lambda s: None)
+    assert (result["dtype"], result["source_dtype"]) == ("fp16", "fp32")
+    assert _saved_dtypes(tmp_path / "fp16") == {"torch.float16"}
+    assert build_parser().parse_args(["--hf-path", "x", "--save", "y", "--dtype",
+                                      "bf16"]).dtype == "bf16"
+    assert build_parser().parse_args(["--hf-path", "x", "--save", "y"]).dtype is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--hf-path", "x", "--save", "y", "--dtype", "fp8"])
+
+
+# --- tokenizer flags and vocabulary padding -------------------------------------------------
+def test_args_file_names_the_hf_tokenizer(megatron_single, hf_models, tmp_path):
+    """With a tokenizer in the HF directory, model.args names it for Megatron-LM's
+    HuggingFaceTokenizer; Megatron-LM pads the tokenizer's size (not config.json's vocab_size)
+    to --make-vocab-size-divisible-by x TP, and the base loads into that vocabulary: the
+    logits of every token the tokenizer has are the HF logits."""
+    import shutil
+
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.importer import convert
+    from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+    from megatron_drlora.modeling import MoEModelArgs
+    from tests.hf_tiny import make_tokenizer
+
+    hf_dir = tmp_path / "hf dir"  # a space: the args file quotes the path
+    shutil.copytree(hf_models / "qwen2_moe", hf_dir)
+    make_tokenizer(str(hf_dir), size=90)
+    result = convert(str(hf_dir), str(tmp_path / "base"), make_vocab_size_divisible_by=32,
+                     log=lambda s: None)
+    assert result["flags"][-2:] == ["--tokenizer-type HuggingFaceTokenizer",
+                                    f"--tokenizer-model '{hf_dir}'"]
+    assert result["padded_vocab_size"] == 128  # config.json: 100 rows, padded to 32
+    args = parse_megatron_args([f"@{tmp_path / 'base' / 'model.args'}", "--seq-length",
+                                str(SEQ)])
+    assert args.tokenizer_type == "HuggingFaceTokenizer"
+    assert args.tokenizer_model == str(hf_dir) and args.make_vocab_size_divisible_by == 32
+    args.rank, args.padded_vocab_size = 0, None
+    tokenizer = build_tokenizer(args)  # what examples/pretrain_gpt.py builds
+    assert tokenizer.vocab_size == 90 and args.padded_vocab_size == 96  # < the base's 128 rows
+    margs = MoEModelArgs.from_megatron_args(args, args.padded_vocab_size)
+    chunks, _ = verify.build_megatron(margs, str(tmp_path / "base"))
+    t = tokens() % 90
+    mlogits = verify.megatron_logits(chunks, t, 90)
+    hlogits = verify.hf_logits(str(hf_dir), t)[..., :90]
+    assert verify.max_abs_diff(mlogits, hlogits) < TOL
+
+
+def test_no_tokenizer_no_tokenizer_flags_and_oversized_tokenizer_is_refused(
+        megatron_single, hf_models, tmp_path):
+    import shutil
+
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.importer import tokenizer_flags
+    from tests.hf_tiny import make_tokenizer
+
+    assert tokenizer_flags(str(hf_models / "mixtral"), VOCAB) == []
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(hf_models / "mixtral", hf_dir)
+    make_tokenizer(str(hf_dir), size=VOCAB + 10)
+    with pytest.raises(HFInteropError, match="the tokenizer has 110 tokens, the model's "
+                                             "embedding 100 rows .*vocab_size"):
+        tokenizer_flags(str(hf_dir), VOCAB)
+
+
+# --- memory ---------------------------------------------------------------------------------
+MEDIUM = dict(hidden_size=512, intermediate_size=512, num_experts=16, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=8, vocab_size=1000)
+
+
+@pytest.mark.slow
+def test_peak_memory_is_the_base_plus_less_than_a_layer(tmp_path):
+    """A 106 MiB bf16 OLMoE (4 layers x 16 experts, hidden 512): the converter's resident
+    memory grows by the bf16 base it holds plus less than one layer (measured: +127.5 MiB for a
+    106.1 MiB base, 27 MiB layers), not by an fp32 copy or a second copy at save time."""
+    import re
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(var, None)
+    hf_dir = tmp_path / "hf"
+    make = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from tests.hf_tiny import "
+            f"make_hf_model; make_hf_model('olmoe', sys.argv[2], dtype=torch.bfloat16, "
+            f"**{MEDIUM!r})")
+    subprocess.run([sys.executable, "-c", make, str(REPO), str(hf_dir)], check=True, env=env,
+                   timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"),
+                           "--hf-path", str(hf_dir), "--save", str(tmp_path / "base")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"resident memory ([\d.]+) MiB before the model was built, peak ([\d.]+) MiB",
+                  proc.stdout)
+    assert m, proc.stdout[-2000:]
+    grown = (float(m.group(2)) - float(m.group(1))) * 2 ** 20
+    from megatron_drlora.hf.checkpoint_io import HFCheckpoint
+
+    hf = HFCheckpoint(str(hf_dir))
+    model_bytes = sum(2 * torch.Size(hf.shape(n)).numel() for n in hf.names())
+    layer_bytes = sum(2 * torch.Size(hf.shape(n)).numel() for n in hf.names()
+                      if n.startswith("model.layers.0."))
+    assert _saved_dtypes(tmp_path / "base") == {"torch.bfloat16"}
+    print(f"model {model_bytes / 2 ** 20:.1f} MiB, layer {layer_bytes / 2 ** 20:.1f} MiB, "
+          f"conversion +{grown / 2 ** 20:.1f} MiB")
+    assert grown < model_bytes + layer_bytes, (grown, model_bytes, layer_bytes)
+
+
+# --- the OLMoE recipe and the converter ----------------------------------------------------
+RECIPE = REPO / "examples" / "slurm" / "olmoe_drlora.args"
+SIZE_FLAGS = {"--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size",
+              "--moe-ffn-hidden-size", "--num-experts", "--moe-router-topk",
+              "--max-position-embeddings", "--seq-length", "--vocab-size", "--num-query-groups",
+              "--group-query-attention", "--kv-channels"}
+LAYOUT_FLAGS = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
+                "--expert-model-parallel-size": "1", "--expert-tensor-parallel-size": "1"}
+# Flags that change what the model computes from its weights: whatever the recipe sets of
+# these, the converter must write the same.
+ARCHITECTURE_FLAGS = {"--qk-layernorm", "--qk-layernorm-scope", "--add-qkv-bias", "--swiglu",
+                      "--normalization", "--norm-epsilon", "--position-embedding-type",
+                      "--rotary-base", "--rotary-percent", "--disable-bias-linear",
+                      "--untie-embeddings-and-output-weights", "--moe-router-pre-softmax",
+                      "--moe-router-score-function", "--moe-shared-expert-intermediate-size",
+                      "--moe-shared-expert-gate", "--apply-layernorm-1p", "--kv-channels",
+                      "--moe-layer-freq", "--use-rope-scaling"}
+
+
+def _flags(lines):
+    """{flag: [values]} of args-file lines (one or more flags per line, '#' comments)."""
+    import shlex
+
+    out, current = {}, None
+    for line in lines:
+        for tok in shlex.split(line.split("#", 1)[0]):
+            if tok.startswith("--"):
+                current = tok
+                assert current not in out, f"{current} repeated"
+                out[current] = []
+            else:
+                out[current].append(tok)
+    return out
+
+
+def _olmoe_1b_7b():
+    """allenai/OLMoE-1B-7B-0924's config.json (transformers' OlmoeConfig defaults except the
+    expert size)."""
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(intermediate_size=1024)
+
+
+def test_olmoe_recipe_flags_are_the_converters():
+    """Every model flag the converter writes for OLMoE-1B-7B is in the recipe with the same
+    value (sizes included), and the recipe sets no architecture flag the converter does not."""
+    from megatron_drlora.hf.families import describe
+
+    converter = _flags(describe(_olmoe_1b_7b()).flags())
+    recipe = _flags(open(RECIPE).read().splitlines())
+    def same(a, b):
+        if a is None or len(a) != len(b):
+            return False
+        try:
+            return [float(x) for x in a] == [float(x) for x in b]
+        except ValueError:
+            return a == b
+
+    for flag, value in converter.items():
+        assert same(recipe.get(flag), value), f"{RECIPE.name}: {flag} {recipe.get(flag)} != " \
+                                              f"the converter's {value}"
+    extra = sorted(f for f in recipe if f in ARCHITECTURE_FLAGS and f not in converter)
+    assert not extra, f"{RECIPE.name} sets {extra}, which the converter does not write"
+    assert converter["--qk-layernorm-scope"] == ["projection"]  # transformers' OlmoeAttention
+
+
+def test_olmoe_recipe_loads_a_converted_base(megatron_single, tmp_path):
+    """The recipe's model flags, with only the sizes (and the layout) replaced by a tiny random
+    OLMoE's, build a Megatron model that loads the converted base and gives transformers'
+    logits: a recipe that disagrees with the converter (per-head q/k norms, renormalised top-k,
+    a bias, ...) fails here."""
+    import shlex
+
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.importer import convert
+    from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+    from megatron_drlora.modeling import MoEModelArgs, padded_vocab_size
+
+    hf_dir = make_hf_model("olmoe", str(tmp_path / "hf"), rms_norm_eps=1e-5)
+    convert(hf_dir, str(tmp_path / "base"), log=lambda s: None)
+    tiny = _flags(open(tmp_path / "base" / "model.args").read().splitlines())
+    argv = []
+    for line in open(RECIPE).read().splitlines():
+        argv += shlex.split(line.split("#", 1)[0])
+    recipe = _flags([shlex.join(argv)])
+    keep = {f: v for f, v in recipe.items()
+            if f not in SIZE_FLAGS and f not in LAYOUT_FLAGS and f not in
+            ("--moe-grouped-gemm", "--bf16")}  # CPU test in fp32: SequentialMLP experts
+    sizes = {f: v for f, v in tiny.items() if f in SIZE_FLAGS}
+    sizes["--seq-length"] = [str(SEQ)]
+    flat = []
+    for flag, values in {**keep, **sizes, **LAYOUT_FLAGS}.items():
+        flat += [flag] + (values if isinstance(values, list) else [values])
+    args = parse_megatron_args(flat)
+    assert args.qk_layernorm and args.qk_layernorm_scope == "projection"
+    margs = MoEModelArgs.from_megatron_args(
+        args, padded_vocab_size(args.vocab_size, 1, args.make_vocab_size_divisible_by))
+    chunks, _ = verify.build_megatron(margs, str(tmp_path / "base"))
+    diff = verify.max_abs_diff(verify.megatron_logits(chunks, tokens(), VOCAB),
+                               verify.hf_logits(hf_dir, tokens()))
+    assert diff < TOL, diff

@@ -1,8 +1,10 @@
 """Safetensors I/O of HF checkpoints: lazy reads by tensor name, incremental sharded writes.
 
-Reads never load a whole checkpoint: `HFCheckpoint.get(name)` opens the shard that holds the
-tensor (memory-mapped by safetensors) and copies out that tensor only, or a slice of it
-(`get_slice`), so importing a 100 GB model needs about one layer of memory.
+Reads never load a whole checkpoint: `HFCheckpoint.get(name)` reads that tensor's bytes from
+the shard that holds it with plain file reads (the safetensors header gives its offsets; no
+memory map, so pages of tensors already converted do not stay resident), and `get_rows` reads
+only the rows of one expert of a fused [E, ...] tensor. Importing a 100 GB model therefore needs
+about one layer of memory on top of what the converter builds.
 
 `ShardWriter` writes tensors as they are produced and starts a new shard file once the current
 one reaches `max_shard_bytes`; the index (`model.safetensors.index.json`) and the final
@@ -21,6 +23,77 @@ from megatron_drlora.hf.common import HFInteropError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _TORCH_DTYPES[_name] = getattr(torch, _attr)
+
+
+class SafetensorsFile:
+    """One .safetensors file read by offsets: the header once, then each tensor's bytes with
+    `readinto` into a fresh tensor (https://github.com/huggingface/safetensors, format: an 8-byte
+    little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}, the
+    data)."""
+
+    def __init__(self, path: str):
+        import struct
+
+        self.path = path
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (size,) = struct.unpack("<Q", head)
+            if size > 100 * 2 ** 20 or size > os.path.getsize(path) - 8:
+                raise ValueError(f"header length {size} is not plausible")
+            header = json.loads(fh.read(size))
+        self.data_start = 8 + size
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = header
+        for name, e in header.items():
+            if e.get("dtype") not in _TORCH_DTYPES:
+                raise ValueError(f"tensor {name}: dtype {e.get('dtype')!r} is not supported")
+
+    def keys(self) -> List[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> List[int]:
+        return list(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def _read(self, name: str, offset: int, nbytes: int, shape) -> torch.Tensor:
+        dtype = _TORCH_DTYPES[self.dtype(name)]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.data_start + offset)
+                got = fh.readinto(memoryview(buf.numpy()))
+            if got != nbytes:
+                raise HFInteropError(f"{self.path}: tensor {name} is truncated ({got} of "
+                                     f"{nbytes} bytes)")
+        return buf.view(dtype).reshape(shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        begin, end = self.entries[name]["data_offsets"]
+        return self._read(name, begin, end - begin, self.shape(name))
+
+    def get_rows(self, name: str, index: int) -> torch.Tensor:
+        """tensor[index] of a tensor with at least one dimension."""
+        import math
+
+        shape = self.shape(name)
+        if not shape or not 0 <= index < shape[0]:
+            raise HFInteropError(f"{self.path}: tensor {name} {shape} has no row {index}")
+        begin, end = self.entries[name]["data_offsets"]
+        row = (end - begin) // shape[0]
+        if row * shape[0] != end - begin or row != math.prod(shape[1:]) * \
+                _TORCH_DTYPES[self.dtype(name)].itemsize:
+            raise HFInteropError(f"{self.path}: tensor {name}: data size does not match {shape}")
+        return self._read(name, begin + index * row, row, shape[1:])
 
 
 class HFCheckpoint:
@@ -38,7 +111,7 @@ class HFCheckpoint:
         with open(config_file) as fh:
             self.config_dict = json.load(fh)
         self._weight_map: Optional[Dict[str, str]] = None
-        self._handles: Dict[str, object] = {}
+        self._handles: Dict[str, SafetensorsFile] = {}
         if need_weights:
             self.require_weights()
 
@@ -67,15 +140,12 @@ class HFCheckpoint:
                 raise HFInteropError(f"{self.flag} {self.path}: {INDEX} names missing shard "
                                      f"file(s) {missing[:3]}")
             return dict(weight_map)
-        from safetensors import safe_open
-
         weight_map = {}
         for name in sorted(os.listdir(self.path)):
             if name.endswith(".safetensors") and not name.startswith("adapter_model"):
                 try:
-                    with safe_open(os.path.join(self.path, name), "pt") as f:
-                        for key in f.keys():
-                            weight_map[key] = name
+                    for key in self._file(name).keys():
+                        weight_map[key] = name
                 except Exception as e:  # noqa: BLE001 - safetensors raises its own types
                     raise HFInteropError(f"{self.flag} {self.path}/{name}: not a readable "
                                          f"safetensors file ({e})") from e
@@ -103,29 +173,38 @@ class HFCheckpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _handle(self, name: str):
-        from safetensors import safe_open
+    def _file(self, file: str) -> SafetensorsFile:
+        if file not in self._handles:
+            try:
+                self._handles[file] = SafetensorsFile(os.path.join(self.path, file))
+            except (OSError, ValueError) as e:
+                raise HFInteropError(f"{self.flag} {self.path}/{file}: not a readable "
+                                     f"safetensors file ({e})") from e
+        return self._handles[file]
 
+    def _handle(self, name: str) -> SafetensorsFile:
         if name not in self.weight_map:
             raise HFInteropError(f"{self.flag} {self.path}: tensor {name!r} not found in the "
                                  f"checkpoint")
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.path, file), "pt")
-        return self._handles[file]
+        f = self._file(self.weight_map[name])
+        if name not in f.entries:
+            raise HFInteropError(f"{self.flag} {self.path}: {INDEX} puts {name!r} in "
+                                 f"{self.weight_map[name]}, which does not hold it")
+        return f
 
     def shape(self, name: str) -> List[int]:
-        return list(self._handle(name).get_slice(name).get_shape())
+        return self._handle(name).shape(name)
 
     def dtype(self, name: str) -> str:
-        return self._handle(name).get_slice(name).get_dtype()
+        """The safetensors dtype string ('BF16', 'F32', ...)."""
+        return self._handle(name).dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return self._handle(name).get(name)
 
     def get_rows(self, name: str, index: int) -> torch.Tensor:
         """tensor[index] without reading the rest (e.g. one expert of a fused 3-D tensor)."""
-        return self._handle(name).get_slice(name)[index:index + 1][0]
+        return self._handle(name).get_rows(name, index)
 
 
 class ShardWriter:

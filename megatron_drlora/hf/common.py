@@ -54,3 +54,102 @@ def resolve_iteration_dir(path: str, flag: str, iteration: Optional[int] = None)
         return resolve(path, flag, iteration)
     except CheckpointError as e:
         raise HFInteropError(str(e)) from None
+
+
+# --- hub ids ------------------------------------------------------------------------------
+_HUB_ID = None
+
+
+def looks_like_hub_id(name) -> bool:
+    """'org/name' or 'name' as the Hugging Face hub spells repository ids: no absolute or
+    home-relative path, no './' or '../', at most one '/', and not an existing local path."""
+    import re
+
+    global _HUB_ID
+    if _HUB_ID is None:
+        _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+    if not isinstance(name, str) or not name or len(name) > 96:
+        return False
+    if os.path.isabs(name) or name.startswith(("~", ".")) or "\\" in name or ".." in name:
+        return False
+    if not _HUB_ID.match(name) or name.endswith((".", "-")):
+        return False
+    return not os.path.exists(name)
+
+
+# --- crash-safe writes ----------------------------------------------------------------------
+def fsync_path(path: str) -> None:
+    """fsync one file or directory (directories: their entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file and directory under root (root included)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write path as a whole or not at all: a temporary file next to it, fsync, rename, fsync
+    of the directory."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+class StagedDirectory:
+    """An output directory that appears complete or not at all.
+
+    Everything is written under a hidden sibling (`.NAME.tmp-PID`, same file system); `commit()`
+    fsyncs every file in it, renames it to the final name and fsyncs the parent. The final
+    directory must not exist or be empty (an empty one is removed just before the rename). A
+    failure before `commit()` removes the staging directory and leaves `final` untouched."""
+
+    def __init__(self, final: str, flag: str = "--save"):
+        self.final = os.path.abspath(final)
+        self.flag = flag
+        if os.path.isdir(self.final) and os.listdir(self.final):
+            raise HFInteropError(f"{flag} {final}: directory exists and is not empty")
+        if os.path.exists(self.final) and not os.path.isdir(self.final):
+            raise HFInteropError(f"{flag} {final}: exists and is not a directory")
+        parent, name = os.path.split(self.final)
+        os.makedirs(parent, exist_ok=True)
+        self.path = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)  # a stale one of a killed run (same pid)
+        os.makedirs(self.path)
+
+    def commit(self) -> str:
+        fsync_tree(self.path)
+        if os.path.isdir(self.final):
+            if os.listdir(self.final):
+                raise HFInteropError(f"{self.flag} {self.final}: something was written there "
+                                     f"during the export; the result stays in {self.path}")
+            os.rmdir(self.final)
+        os.rename(self.path, self.final)
+        fsync_path(os.path.dirname(self.final))
+        return self.final
+
+    def abort(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
