@@ -67,7 +67,10 @@ def megatron_argv(s: Dict, *, bf16: bool, te: bool, log_dir: str,
     if not have_cuda():
         argv.append("@" + os.path.join(REPO, "examples", "cpu.args"))
     elif te:
-        argv += ["--transformer-impl", "transformer_engine", "--moe-grouped-gemm"]
+        # the frozen base has no weight gradients to accumulate: the fusion (apex's
+        # fused_weight_gradient_mlp_cuda) buys nothing here and is one dependency less
+        argv += ["--transformer-impl", "transformer_engine", "--moe-grouped-gemm",
+                 "--no-gradient-accumulation-fusion"]
     else:
         argv += [a for a in _cpu_args() if a not in ("--distributed-backend", "gloo")]
     mb = s["micro_batches"]
@@ -127,7 +130,7 @@ class Megatron:
             try:
                 from megatron.training.initialize import set_jit_fusion_options
 
-                set_jit_fusion_options()
+                set_jit_fusion_options(tp_size=1)
             except Exception:  # fusions are an optimisation; never fail the benchmark on them
                 pass
         self.args = get_args()
