@@ -264,3 +264,81 @@ def test_template_that_rewrites_earlier_turns_is_refused(chat, tmp_path, capsys)
            "prefix", "--chat-template", str(rewriting))
     _fails(capsys, tmp_path, chat / "plain", [{"messages": [user, reply, user, reply]}],
            "{{% generation %}} ... {{% endgeneration %}}", "--chat-template", str(rewriting))
+
+
+# ------------------------------------------------------------------ training reads it
+
+
+def _cased_records(n, seed=0):
+    """Replies in upper case only, everything else in lower case: whether a label is a reply
+    token can be read off the token itself."""
+    records = chat_records(n, seed)
+    for r in records:
+        if r["messages"][0]["role"] != "system":  # ChatML's default one is capitalised
+            r["messages"].insert(0, {"role": "system", "content": "you are a kind bot"})
+        for m in r["messages"]:
+            m["content"] = m["content"].upper() if m["role"] == "assistant" else m["content"]
+    return records
+
+
+def test_gpt_dataset_trains_on_reply_tokens_only(chat, tmp_path):
+    """LossMaskedGPTDataset (what examples/pretrain_gpt.py builds) over chat data packed into
+    short samples: loss 1 on every label inside a reply, 0 on every other text label."""
+    from megatron_drlora.data.dataset import build_gpt_datasets
+    from megatron_drlora.data.tokenizer import build_megatron_tokenizer, megatron_tokenizer_args
+
+    tok_dir = chat / "chatml_base"
+    src = write_jsonl(tmp_path / "cased.jsonl", _cased_records(60, seed=4))
+    assert run(tok_dir, src, tmp_path / "d", "--append-eod") == 0
+    tokenizer = build_megatron_tokenizer(megatron_tokenizer_args("HuggingFaceTokenizer",
+                                                                 str(tok_dir)))
+    train, _, _ = build_gpt_datasets([f"{tmp_path / 'd'}_text_document"], "100,0,0", 24, 7,
+                                     tokenizer, [40, None, None],
+                                     data_cache_path=str(tmp_path / "cache"))
+    tok = hf(tok_dir)
+    special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
+    seen = {0: 0, 1: 0}
+    for i in range(len(train)):
+        sample = train[i]
+        for label, m in zip(sample["labels"].tolist(), sample["loss_mask"].tolist()):
+            text = tok.decode([label])
+            if label in special or not any(c.isalpha() for c in text):
+                continue
+            assert m == float(text.isupper()), (text, m)
+            seen[int(m)] += 1
+    assert seen[0] > 0 and seen[1] > 0
+
+
+@pytest.mark.slow
+def test_entry_trains_on_chat_data_with_the_hf_tokenizer(chat, tmp_path):
+    """examples/pretrain_gpt.py: a base trained with --tokenizer-type NullTokenizer on data
+    made by the HF tokenizer (the converted-model path), then a DR-LoRA fine-tune with
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR that grows ranks."""
+    from tests.megatron_runs import events, torchrun
+    from tests.train_flags import TINY
+
+    tok_dir = chat / "chatml_base"
+    assert run(tok_dir, write_jsonl(tmp_path / "c.jsonl", chat_records(120, seed=9)),
+               tmp_path / "c", "--append-eod") == 0
+    drop = {"--mock-data": 0, "--tokenizer-type": 1, "--vocab-size": 1}
+    flags, skip = [], 0
+    for f in TINY:
+        if skip:
+            skip -= 1
+        elif f in drop:
+            skip = drop[f]
+        else:
+            flags.append(f)
+    flags += ["--data-path", f"{tmp_path / 'c'}_text_document", "--split", "100,0,0"]
+    base = tmp_path / "base"
+    torchrun(1, flags + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "300",
+                         "--train-iters", "2", "--save", str(base), "--save-interval", "2"])
+    out = tmp_path / "run"
+    proc = torchrun(1, flags + [
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir),
+        "--pretrained-checkpoint", str(base), "--save", str(out), "--save-interval", "4",
+        "--train-iters", "4", "--lr-warmup-iters", "1", "--drlora-budget", "4",
+        "--drlora-p-grow", "0.5", "--drlora-grow-interval", "1", "--drlora-grow-buffer", "1"])
+    log = proc.stdout + proc.stderr
+    assert "iteration        4/       4" in log and "lm loss" in log
+    assert [e["iteration"] for e in events(out)] == [1, 2, 3]
