@@ -206,7 +206,9 @@ def summarise(args, s, m) -> Dict:
                  "saliency_fraction_of_step": median([p["saliency"] / p["step"] for p in ph]),
                  # robust to a loaded machine (contention only adds time): fastest / fastest
                  "ratio_of_fastest_steps": min(p["step"] for p in ph) / min(p["step"]
-                                                                            for p in ref)}
+                                                                            for p in ref),
+                 "phases_ms_every_repetition": [{key: 1000 * x for key, x in p.items()}
+                                                for p in ph]}
         if k:
             fastest = {key: min(p[key] for p in ph) for key in ph[0]}
             fastest_ref = {key: min(p[key] for p in ref) for key in ref[0]}
@@ -295,7 +297,7 @@ def _megatron_version() -> str:
     try:
         import megatron.core
 
-        return megatron.core.__version__
+        return megatron.core.__version__.split("+")[0]  # "+<hash>" is the cwd's git commit
     except Exception:
         return "?"
 
