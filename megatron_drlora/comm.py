@@ -2,11 +2,13 @@
 
 Nothing else in the package calls torch.distributed. Per training step DR-LoRA adds one fused
 all-reduce of its statistics (plus, at growth events, one broadcast of global rank 0's new rank
-map and one exact agreement check); with expert tensor parallelism > 1 the backward pass also
-all-reduces the gradient of the adapter factor that is replicated across expert-TP ranks.
+map and one exact agreement check); with expert tensor parallelism > 1 also one all-reduce per
+MoE layer of the accumulated gradients of the factors replicated across expert-TP ranks.
 """
 
 from __future__ import annotations
+
+from typing import Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,32 +26,37 @@ def world_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-class _SumGradientAcross(torch.autograd.Function):
-    """Identity forward; backward all-reduces (sums) the gradient over `group`."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def sum_gradient_across(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Mark an adapter factor replicated over `group` whose per-rank gradients are partial.
+def sum_replicated_gradients(banks: Sequence[Tuple[object, Sequence[torch.Tensor]]]) -> int:
+    """Sum, over its expert-TP group, the accumulated gradient of every adapter factor that is
+    replicated across expert-TP ranks: one all-reduce per bank per optimizer step.
 
     With expert-TP > 1, fc1's A is whole on every expert-TP rank but each rank only sees the
-    part of the output its B shard writes; fc2's B likewise multiplies a partial input sum.
-    Their true gradient is the sum over the group. The base layer's own partial-sum contract
-    (dispatcher reduce-scatter) is left untouched: only this factor's gradient is summed.
+    part of the output its B shard writes; fc2's B likewise multiplies a partial input sum, so
+    each rank's gradient is partial and the true gradient is the sum over the group. Summing is
+    linear, so it commutes with Megatron's expert-data-parallel reduction and its scaling and
+    runs once on the step's accumulated gradient (`main_grad` with Megatron DDP, else `.grad`)
+    instead of per expert per micro-batch in backward. With the distributed optimizer each
+    expert-DP rank owns a shard of `main_grad`; expert-TP peers have the same expert-DP rank
+    and the same buffer layout, so reducing whole tensors reduces every owned shard (the
+    elements a rank does not own are summed too and never read).
+
+    `banks`: (expert-TP group, that bank's replicated gradients) per bank; a bank's tensors are
+    flattened into one buffer (one collective, one bank of temporary memory). Returns the
+    number of all-reduces issued.
     """
-    if group is None or not is_distributed() or dist.get_world_size(group) == 1:
-        return tensor
-    return _SumGradientAcross.apply(tensor, group)
+    issued = 0
+    for group, grads in banks:
+        grads = [g for g in grads if g is not None]
+        if not grads or group_size(group) == 1:
+            continue
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        issued += 1
+    return issued
 
 
 def group_size(group) -> int:

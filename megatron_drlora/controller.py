@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_drlora import comm
+from megatron_drlora.adapters.experts import replicated_gradients
 from megatron_drlora.allocator import allocate_growth
 from megatron_drlora.compat.megatron import distributed_optimizer_grad_masks
 from megatron_drlora.saliency import SaliencyState
@@ -135,12 +136,16 @@ class DRLoRAController:
         return self.finish(step, stepped=True)
 
     def collect(self, step: int, loss_scale: float = 1.0) -> None:
-        """After the step's gradients are reduced, before the optimizer step: freeze the router
-        if due, and reduce this step's statistics (one fused all-reduce). Nothing enters the
-        EMAs until finish() says the optimizer really stepped. `loss_scale` (fp16) divides the
+        """After the step's gradients are reduced, before the optimizer step: sum the expert-TP
+        replicated factors' gradients (required once per step with expert-TP > 1), freeze the
+        router if due, and reduce this step's statistics (one fused all-reduce). Nothing enters
+        the EMAs until finish() says the optimizer really stepped. `loss_scale` (fp16) divides the
         rank importance so it is measured on unscaled gradients."""
         self._require_ddp_models()
         start = time.perf_counter()
+        # Expert-TP > 1: sum the replicated factors' partial gradients first (one all-reduce
+        # per MoE layer), so the statistics below and the optimizer's grad norm see true ones.
+        comm.sum_replicated_gradients([replicated_gradients(l.bank) for l in self.handle.layers])
         cfg = self.config
         if not self.schedule.router_trainable(step):
             self._zero_router_grads()

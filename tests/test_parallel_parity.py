@@ -5,7 +5,8 @@ heterogeneous ranks) on the same global batch in 2-4 real gloo processes, and is
 the single-process run: logits and loss within 1e-5, every adapter gradient (gathered to global
 expert index) within 1e-5 of that tensor's largest entry, saliency statistics within 1e-6
 relative, the same growth decision, and identical replicas after a step of Megatron's optimizer
-(plain or distributed) with the same gradient norm (tests/workers/parity_worker.py). The
+(plain or distributed) with the same gradient norm (tests/workers/parity_worker.py). With
+expert-TP > 1 DR-LoRA issues exactly one expert-TP all-reduce per MoE layer per step. The
 single-process adapter gradients are themselves checked against an independent plain-PyTorch
 MoE with LoRA on each expert (no megatron_drlora.adapters code), at heterogeneous ranks.
 """
@@ -28,6 +29,10 @@ LAYOUTS = {
     "tp2_ep2_etp1": (4, ["--tp", "2", "--ep", "2", "--etp", "1"]),
     "dp2_distributed_optimizer": (2, ["--dist-opt"]),
     "ep2_dp2_distributed_optimizer": (4, ["--ep", "2", "--dist-opt"]),
+    # expert-TP replicas each owning a distributed-optimizer shard, gradients reduced while
+    # backward runs, two micro-batches per rank
+    "etp2_edp2_distributed_optimizer_overlap": (4, ["--etp", "2", "--dist-opt", "--overlap",
+                                                    "--micro", "1"]),
 }
 
 
@@ -67,6 +72,16 @@ def _compare(ref, got):
     assert torch.equal(got["rank_map"], ref["rank_map"]), "different growth decision"
     assert got["replica_mismatches"] == []
     assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
+    _assert_one_expert_tp_reduction_per_bank(got)
+
+
+def _assert_one_expert_tp_reduction_per_bank(got):
+    """The replicated factors' gradients are summed over expert-TP once per MoE layer per step,
+    whatever the number of micro-batches and local experts (none without expert-TP)."""
+    for rank, (count, banks, micro_batches, etp) in enumerate(got["etp_reductions"]):
+        expected = banks if etp > 1 else 0
+        assert count == expected, (f"rank {rank}: {count} expert-TP all-reduces in a step of "
+                                   f"{micro_batches} micro-batches, expected {expected}")
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

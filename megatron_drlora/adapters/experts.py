@@ -9,6 +9,10 @@ exactly those of the base model and a base checkpoint loads into an adapted mode
   `m_splits`, so the grouped LoRA computation splits them by tokens_per_expert.
 - legacy GroupedMLP (megatron-core <= 0.18, grouped_gemm): it has no linear submodules, so
   its forward is replaced by one that runs the same grouped GEMMs plus the deltas.
+
+Nothing here communicates: with expert-TP > 1 the gradient of the factor replicated across
+expert-TP ranks is partial, and the controller sums it once per optimizer step
+(`replicated_gradients`, comm.sum_replicated_gradients).
 """
 
 from __future__ import annotations
@@ -18,20 +22,34 @@ from typing import Callable, List
 
 import torch
 
-from megatron_drlora import comm
 from megatron_drlora.adapters.bank import ExpertLoRABank
 from megatron_drlora.adapters.lora_math import add_to_fc1_half, grouped_lora_delta, lora_delta
 
 
-def _factor_preparers(bank: ExpertLoRABank, name: str, etp_group) -> tuple:
-    """Gradient hooks for the factor replicated across expert-TP ranks (see comm)."""
-    spec = bank.specs[name]
-    ident = lambda t: t  # noqa: E731
-    if spec.tp_size == 1:
-        return ident, ident
-    if spec.linear == "fc1":  # A whole, B sharded on output
-        return (lambda t: comm.sum_gradient_across(t, etp_group)), ident
-    return ident, (lambda t: comm.sum_gradient_across(t, etp_group))  # fc2: B whole
+def _remember_expert_tp_group(bank: ExpertLoRABank, etp_group) -> None:
+    bank.expert_tp_group = etp_group
+
+
+def replicated_factors(bank: ExpertLoRABank) -> List[torch.nn.Parameter]:
+    """The factor of each projection that is whole on every expert-TP rank while its gradient
+    is partial there (fc1: A, B sharded on output; fc2: B, A sharded on input)."""
+    out = []
+    for name in bank.projection_names:
+        spec = bank.specs[name]
+        if spec.tp_size > 1:
+            out.append(bank.factor(name, "A" if spec.linear == "fc1" else "B"))
+    return out
+
+
+def replicated_gradients(bank: ExpertLoRABank) -> tuple:
+    """(expert-TP group, accumulated gradients of the replicated factors) of one bank, for
+    comm.sum_replicated_gradients once per optimizer step: `main_grad` under Megatron DDP
+    (where the optimizer reads), else `.grad`."""
+    grads = []
+    for param in replicated_factors(bank):
+        main_grad = getattr(param, "main_grad", None)
+        grads.append(main_grad if main_grad is not None else param.grad)
+    return getattr(bank, "expert_tp_group", None), grads
 
 
 def _projections_on(bank: ExpertLoRABank, linear: str) -> List[str]:
@@ -87,7 +105,7 @@ def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
     """Hooks on every local expert's linear_fc1 / linear_fc2 of a SequentialMLP, plus one
     pair on the experts module that splits the packed factors per forward (last handle)."""
     handles = []
-    preparers = {n: _factor_preparers(bank, n, etp_group) for n in bank.projection_names}
+    _remember_expert_tp_group(bank, etp_group)
     factors = _ExpertFactorViews(bank)
 
     def make_hook(local: int, linear: str):
@@ -96,11 +114,9 @@ def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
             out, bias = output
 
             def compute(name):
-                prep_a, prep_b = preparers[name]
-                return lora_delta(x, prep_a(factors.get(name, "A", local)),
-                                  prep_b(factors.get(name, "B", local)),
-                                  bank.rank(local, name), bank.scale, bank.dropout,
-                                  bank.training)
+                return lora_delta(x, factors.get(name, "A", local),
+                                  factors.get(name, "B", local), bank.rank(local, name),
+                                  bank.scale, bank.dropout, bank.training)
 
             return _apply_deltas(bank, linear, x, out, compute), bias
 
@@ -116,19 +132,18 @@ def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
     return handles
 
 
-def _grouped(bank: ExpertLoRABank, preparers, name: str, x: torch.Tensor, counts):
+def _grouped(bank: ExpertLoRABank, name: str, x: torch.Tensor, counts):
     """All local experts' delta of one projection in one grouped call (see lora_math)."""
-    prep_a, prep_b = preparers[name]
     j = bank.projection_names.index(name)
-    return grouped_lora_delta(x, counts, prep_a(bank.factor(name, "A")),
-                              prep_b(bank.factor(name, "B")), bank.ranks_of(name), bank.scale,
-                              bank.dropout, bank.training, ranks_device=bank.ranks[:, j])
+    return grouped_lora_delta(x, counts, bank.factor(name, "A"), bank.factor(name, "B"),
+                              bank.ranks_of(name), bank.scale, bank.dropout, bank.training,
+                              ranks_device=bank.ranks[:, j])
 
 
 def attach_to_grouped_linears(experts, bank: ExpertLoRABank, etp_group) -> List:
     """Hooks on TEGroupedMLP's grouped linear_fc1 / linear_fc2 (called as (x, m_splits))."""
     handles = []
-    preparers = {n: _factor_preparers(bank, n, etp_group) for n in bank.projection_names}
+    _remember_expert_tp_group(bank, etp_group)
 
     def make_hook(linear: str):
         def hook(module, args, output):
@@ -136,7 +151,7 @@ def attach_to_grouped_linears(experts, bank: ExpertLoRABank, etp_group) -> List:
             out, bias = output
 
             def compute(name):
-                return _grouped(bank, preparers, name, x, m_splits)
+                return _grouped(bank, name, x, m_splits)
 
             return _apply_deltas(bank, linear, x, out, compute), bias
 
@@ -159,13 +174,13 @@ def attach_to_legacy_grouped(experts, bank: ExpertLoRABank, etp_group, gmm=None)
         from megatron.core.transformer.moe import grouped_gemm_util as gg
 
         gmm = gg.ops.gmm
-    preparers = {n: _factor_preparers(bank, n, etp_group) for n in bank.projection_names}
+    _remember_expert_tp_group(bank, etp_group)
     config = experts.config
     hidden = config.hidden_size
 
     def deltas(linear, x, out, counts):
         def compute(name):
-            return _grouped(bank, preparers, name, x, counts)
+            return _grouped(bank, name, x, counts)
 
         return _apply_deltas(bank, linear, x, out, compute)
 

@@ -3,7 +3,11 @@ same global tiny MoE under a given parallel layout; rank 0 saves everything gath
 expert indices, for comparison with the single-process run of the same script.
 
 Usage: torchrun --nproc_per_node N parity_worker.py OUT [--tp 2] [--ep 2] [--etp 1] [--pp 2]
-       [--vpp 2] [--dispatcher alltoall|allgather] [--perturb-rank R] [--recompute]
+       [--vpp 2] [--dispatcher alltoall|allgather] [--perturb-rank R] [--dist-opt] [--overlap]
+       [--micro 2]
+
+DR-LoRA's collect() runs inside Megatron's finalize_model_grads_func, as in Megatron-LM's loop;
+every all-reduce DR-LoRA issues on the expert-TP group during the step is counted.
 """
 
 import argparse
@@ -30,6 +34,8 @@ def main():
     p.add_argument("--saliency", default="full")
     p.add_argument("--allocation", default="layer")
     p.add_argument("--dist-opt", action="store_true")
+    p.add_argument("--overlap", action="store_true", help="overlap_grad_reduce")
+    p.add_argument("--micro", type=int, default=2, help="micro-batch size")
     args = p.parse_args()
 
     from megatron_drlora.parallel_setup import ParallelSizes, initialize_megatron_parallel
@@ -58,17 +64,25 @@ def main():
     randomize_adapters(handle)
     handle.set_rank_map(grown_rank_map(handle))
     config = chunks[0].config
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                            overlap_grad_reduce=args.overlap,
                                             use_distributed_optimizer=args.dist_opt)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=c)
              for c in chunks]
-    config.finalize_model_grads_func = finalize_model_grads
+    if args.overlap:  # as megatron.training does: reduce once, after the last micro-batch
+        config.no_sync_func = model[0].no_sync if len(model) == 1 else [m.no_sync for m in model]
+
+    def finalize_then_collect(*a, **k):  # megatron_lm/run.py's finalize_model_grads_func
+        finalize_model_grads(*a, **k)
+        controller.collect(0)
+
+    config.finalize_model_grads_func = finalize_then_collect
     controller = DRLoRAController(handle, train_iters=10, warmup_iters=0, ddp_models=model)
     controller.rank_map = grown_rank_map(handle)
     handle.set_rank_map(controller.rank_map)
 
     # The same global batch everywhere; each DP rank takes its contiguous slice.
-    global_batch, micro = 8, 2
+    global_batch, micro = 8, args.micro
     tokens, pos, labels = batch(margs, batch_size=global_batch, seed=5)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_dp = global_batch // dp
@@ -85,9 +99,12 @@ def main():
 
         def loss_func(output):
             unwrapped = chunk.module
+            # cloned first: with one sequence per micro-batch the transpose is already
+            # contiguous and Megatron's cross entropy shifts the logits in place
+            logits_copy = output.detach().clone()
             loss_tok = unwrapped.compute_language_model_loss(lb, output.transpose(0, 1)
                                                              .contiguous())
-            captured.append((output.detach().clone(), loss_tok.detach().clone()))
+            captured.append((logits_copy, loss_tok.detach().clone()))
             loss = loss_tok.float().mean()
             return loss, {"loss": loss.detach()}
 
@@ -108,17 +125,22 @@ def main():
 
             layer.experts.register_forward_hook(capture)
 
+    results = {}
     for m in model:
         m.zero_grad_buffer()
     data = iter(micro_batches)
     fb = get_forward_backward_func()
-    fb(forward_step_func=forward_step,
-       data_iterator=[iter(micro_batches) for _ in model] if args.vpp else data,
-       model=model if args.vpp else model[0], num_microbatches=n_micro,
-       seq_length=margs.seq_length, micro_batch_size=micro, forward_only=False)
+    with CountExpertTPReductions() as etp_reductions:
+        fb(forward_step_func=forward_step,
+           data_iterator=[iter(micro_batches) for _ in model] if args.vpp else data,
+           model=model if args.vpp else model[0], num_microbatches=n_micro,
+           seq_length=margs.seq_length, micro_batch_size=micro, forward_only=False)
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (etp_reductions.count, len(handle.layers), n_micro,
+                                    ps.get_expert_tensor_parallel_world_size()))
+    results["etp_reductions"] = counts
 
     # --- gather logits and per-token loss (vocab over TP, batch over DP, last PP stage) ---
-    results = {}
     last_stage = ps.is_pipeline_last_stage()
     if last_stage and captured:
         logits = torch.cat([c[0] for c in captured])      # [per_dp, S, V/tp]
@@ -207,7 +229,7 @@ def main():
 
     controller.saliency.reset_importance = reset_with_snapshot
     try:
-        report = controller.after_gradients(0)
+        report = controller.finish(0, stepped=True)  # collect(0) ran in finalize
     except comm.RankMapDisagreement as e:
         print(f"RANK{dist.get_rank()} DISAGREEMENT: {e}", flush=True)
         dist.barrier()
@@ -265,6 +287,31 @@ def main():
         print("PARITY_WORKER_DONE", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+class CountExpertTPReductions:
+    """Counts torch.distributed.all_reduce calls made from megatron_drlora code on a group of
+    exactly the expert-TP ranks (the statistics reduction uses the world group: not counted)."""
+
+    def __enter__(self):
+        from megatron.core import parallel_state as ps
+
+        self.count = 0
+        self.ranks = sorted(dist.get_process_group_ranks(ps.get_expert_tensor_parallel_group()))
+        self.original = dist.all_reduce
+
+        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            caller = sys._getframe(1).f_code.co_filename
+            if ("megatron_drlora" in caller and group is not None
+                    and sorted(dist.get_process_group_ranks(group)) == self.ranks):
+                self.count += 1
+            return self.original(tensor, op=op, group=group, async_op=async_op)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self.original
 
 
 def reference_adapter_grads(handle, cfg, expert_calls, rank_map):
