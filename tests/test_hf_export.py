@@ -290,3 +290,226 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- --verify ---------------------------------------------------------------------------------
+def _hf_copy(run, dst, name_or_path=None, readme=None):
+    """A copy of the run's HF directory with config.json's _name_or_path (and a README.md)."""
+    import shutil
+
+    shutil.copytree(run["hf"], dst)
+    cfg_file = os.path.join(dst, "config.json")
+    cfg = json.load(open(cfg_file))
+    cfg["_name_or_path"] = name_or_path if name_or_path is not None else str(dst)
+    json.dump(cfg, open(cfg_file, "w"), indent=2)
+    if readme is not None:
+        open(os.path.join(dst, "README.md"), "w").write(readme)
+    return str(dst)
+
+
+@pytest.mark.parametrize("fmt", ["merged", "peft"])
+def test_verify_passes_on_a_good_export(runs, tmp_path, fmt):
+    run = runs[0]["olmoe"]  # gate, up and down adapted, trained router
+    save = tmp_path / fmt
+    result = _export(run, fmt, str(save), pretrained_checkpoint=run["base"], verify=True)
+    v = result["verified"]
+    assert v["max_rel_diff"] < 1e-5 and v["max_abs_diff"] < TOL, v
+    assert (v["tolerance"], v["sequences"], v["seq_length"]) == (1e-3, 4, 32)
+    card = open(save / "README.md").read()
+    assert "## Verification" in card and f"{v['max_abs_diff']:.3g}" in card
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
+
+
+def _corrupt(save):
+    """Noise on one expert's down projection of the merged shard (what a wrong merge, a bad
+    rank or a truncated write would do)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(save, "model.safetensors")
+    tensors = load_file(path)
+    name = next(k for k in sorted(tensors)
+                if re.search(r"layers\.1\..*experts\.0\.(down|w2)", k))
+    g = torch.Generator().manual_seed(0)
+    t = tensors[name]
+    tensors[name] = (t.float() + 0.5 * torch.randn(t.shape, generator=g)).to(t.dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_verify_fails_loudly_on_a_corrupted_export(runs, tmp_path):
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.families import describe
+    from megatron_drlora.hf.verify import verify_export
+    from transformers import AutoConfig
+
+    run = runs[0]["olmoe"]
+    save = str(tmp_path / "merged")
+    _export(run, "merged", save, pretrained_checkpoint=run["base"])
+    desc = describe(AutoConfig.from_pretrained(run["hf"]))
+    verify_export(save, "merged", run["adapters"], run["base"], run["hf"], desc,
+                  log=lambda s: None)  # the good export passes
+    _corrupt(save)
+    with pytest.raises(HFInteropError, match=r"--verify FAILED: merged export .* max abs diff "
+                                             r"[\d.e+-]+, max rel diff [\d.e+-]+, median rel "
+                                             r"diff .*the max must be <= 0\.001.*worst at "
+                                             r"sequence"):
+        verify_export(save, "merged", run["adapters"], run["base"], run["hf"], desc,
+                      log=lambda s: None)
+
+
+def test_cli_verify_failure_exits_nonzero_and_publishes_nothing(runs, tmp_path, monkeypatch,
+                                                                capsys):
+    """The CLI with --verify: a corrupted export (corrupted right after it was written) exits 2
+    with the differences on stderr; --save is not created, the export waits in SAVE.unverified."""
+    from megatron_drlora.hf import export_merged as em
+    from megatron_drlora.hf.exporter import main
+
+    run = runs[0]["olmoe"]
+    argv = ["--load", run["adapters"], "--pretrained-checkpoint", run["base"], "--hf-path",
+            run["hf"], "--format", "merged", "--verify"]
+    assert main(argv + ["--save", str(tmp_path / "good")]) == 0
+    assert "> verified:" in capsys.readouterr().out
+    original = em.export_merged
+
+    def corrupting(*args, **kwargs):
+        result = original(*args, **kwargs)
+        _corrupt(args[4])  # the (staged) output directory
+        return result
+
+    monkeypatch.setattr(em, "export_merged", corrupting)
+    bad = tmp_path / "bad"
+    assert main(argv + ["--save", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--verify FAILED" in err and "max abs diff" in err and "max rel diff" in err, err
+    assert not bad.exists() and (tmp_path / "bad.unverified" / "model.safetensors").exists()
+
+
+def test_verify_needs_the_converted_base(runs, tmp_path):
+    from megatron_drlora.hf.common import HFInteropError
+
+    run = runs[0]["mixtral"]
+    with pytest.raises(HFInteropError, match="--verify needs --pretrained-checkpoint"):
+        _export(run, "peft", str(tmp_path / "a"), verify=True)
+    os.makedirs(tmp_path / "nobase")
+    with pytest.raises(HFInteropError, match="no model.args"):
+        _export(run, "peft", str(tmp_path / "b"), verify=True,
+                pretrained_checkpoint=str(tmp_path / "nobase"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_bf16_base_merged_bf16_export_verifies(megatron_single, tmp_path):
+    """bf16 HF model -> bf16 Megatron base -> DR-LoRA -> merged export in the config's bf16,
+    verified within the bf16 tolerance (every merged weight is rounded to bf16)."""
+    from megatron_drlora.hf.exporter import export
+    from megatron_drlora.hf.importer import convert
+
+    hf_dir = make_hf_model("qwen2_moe", str(tmp_path / "hf"), dtype=torch.bfloat16)
+    convert(hf_dir, str(tmp_path / "base"), log=lambda s: None)
+    _adapted_checkpoint("qwen2_moe", str(tmp_path / "base"), str(tmp_path / "adapters"),
+                        ("up", "down"))
+    result = export(str(tmp_path / "adapters"), hf_dir, "merged", str(tmp_path / "merged"),
+                    pretrained_checkpoint=str(tmp_path / "base"), verify=True,
+                    log=lambda s: None)
+    v = result["verified"]
+    assert result["dtype"] == "bfloat16" and (v["criterion"], v["tolerance"]) == ("median", 1e-2)
+    assert 0 < v["median_rel_diff"] < 1e-2 and v["max_rel_diff"] > 1e-3, v  # rounding shows
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.families import describe
+    from megatron_drlora.hf.verify import verify_export
+    from transformers import AutoConfig
+
+    _corrupt(str(tmp_path / "merged"))  # a wrong expert is still caught in bf16
+    with pytest.raises(HFInteropError, match="--verify FAILED: .*the median must be <= 0.01"):
+        verify_export(str(tmp_path / "merged"), "merged", str(tmp_path / "adapters"),
+                      str(tmp_path / "base"), hf_dir, describe(AutoConfig.from_pretrained(hf_dir)),
+                      dtype="bfloat16", log=lambda s: None)
+
+
+# --- hub id ---------------------------------------------------------------------------------
+def test_hub_id_resolution():
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.exporter import resolve_hub_id
+
+    logs = []
+    hub = "allenai/OLMoE-1B-7B-0924"
+    assert resolve_hub_id({"_name_or_path": hub}, None, logs.append) == hub
+    assert resolve_hub_id({"_name_or_path": "gpt2"}, None, logs.append) == "gpt2"
+    assert resolve_hub_id({"_name_or_path": "/abs/olmoe"}, "org/model", logs.append) == \
+        "org/model"
+    assert not logs
+    for local in ("/abs/olmoe", "./olmoe", "../m/olmoe", "~/olmoe", "a/b/c", "", None):
+        assert resolve_hub_id({"_name_or_path": local}, None, logs.append) is None
+    assert len(logs) == 7 and "--hf-model-id" in logs[0]
+    for bad in ("/abs/olmoe", "org/name/x", "../x"):
+        with pytest.raises(HFInteropError, match="--hf-model-id .*not a Hugging Face hub id"):
+            resolve_hub_id({}, bad, logs.append)
+
+
+def test_peft_base_model_is_the_hub_id_never_a_local_path(runs, tmp_path):
+    run = dict(runs[0]["qwen3_moe"])
+    run["hf"] = _hf_copy(run, tmp_path / "hf_hub", "Qwen/Qwen3-30B-A3B")
+    _export(run, "peft", str(tmp_path / "hub"))
+    cfg = json.load(open(tmp_path / "hub" / "adapter_config.json"))
+    assert cfg["base_model_name_or_path"] == "Qwen/Qwen3-30B-A3B"
+    assert "base_model: Qwen/Qwen3-30B-A3B" in open(tmp_path / "hub" / "README.md").read()
+
+    run["hf"] = _hf_copy(run, tmp_path / "hf_local")  # _name_or_path: a local absolute path
+    logs = []
+    from megatron_drlora.hf.exporter import export
+
+    export(run["adapters"], run["hf"], "peft", str(tmp_path / "local"), log=logs.append)
+    text = open(tmp_path / "local" / "adapter_config.json").read()
+    assert json.loads(text).get("base_model_name_or_path") is None
+    assert str(tmp_path) not in text and "base_model:" not in \
+        open(tmp_path / "local" / "README.md").read()
+    assert any("hub id is unknown" in line for line in logs)
+    export(run["adapters"], run["hf"], "peft", str(tmp_path / "flag"), log=logs.append,
+           hf_model_id="org/tiny-qwen3-moe")
+    assert json.load(open(tmp_path / "flag" / "adapter_config.json"))[
+        "base_model_name_or_path"] == "org/tiny-qwen3-moe"
+
+
+# --- model card -----------------------------------------------------------------------------
+def test_merged_export_has_its_own_model_card(runs, tmp_path):
+    run = dict(runs[0]["olmoe"])
+    run["hf"] = _hf_copy(run, tmp_path / "hf", "allenai/OLMoE-1B-7B-0924",
+                         readme="# OLMoE base card: not this model\n")
+    save = tmp_path / "merged"
+    _export(run, "merged", str(save), pretrained_checkpoint=run["base"])
+    card = open(save / "README.md").read()
+    assert "OLMoE base card" not in card
+    assert card.startswith("---\nbase_model: allenai/OLMoE-1B-7B-0924\nlibrary_name: "
+                           "transformers\n")
+    assert "DR-LoRA" in card and "2601.04823" in card
+    for setting in ("| budget (r_target) | 4 |", "| p_grow | 0.5 |", "| r_max | 8 |",
+                    "| targets | gate, up, down |", "| router | warmup_frozen |"):
+        assert setting in card, setting
+    rank_map, projs = run["rank_map"], list(run["targets"])
+    for m, layer in enumerate(range(rank_map.shape[0])):
+        for p, proj in enumerate(projs):
+            r = rank_map[m, :, p]
+            row = (f"| {layer} | {proj} | {int(r.min())} | {float(r.float().mean()):.2f} | "
+                   f"{int(r.max())} | {int(r.sum())} |")
+            assert row in card, row
+    ranks = json.load(open(save / "drlora_rank_map.json"))
+    assert ranks["layout"] == "merged" and ranks["rank_map"] == rank_map.tolist()
+
+
+# --- crash safety ---------------------------------------------------------------------------
+def test_a_failed_export_leaves_nothing_at_save(runs, tmp_path, monkeypatch):
+    from megatron_drlora.hf import checkpoint_io
+
+    run = runs[0]["mixtral"]
+
+    def crash(self):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(checkpoint_io.ShardWriter, "close", crash)
+    with pytest.raises(OSError, match="simulated"):
+        _export(run, "merged", str(tmp_path / "out"), pretrained_checkpoint=run["base"])
+    assert os.listdir(tmp_path) == []  # neither --save nor a staging directory
+    os.makedirs(tmp_path / "empty")  # an empty --save is allowed and replaced
+    monkeypatch.undo()
+    _export(run, "peft", str(tmp_path / "empty"))
+    assert sorted(os.listdir(tmp_path / "empty")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "drlora_rank_map.json"]

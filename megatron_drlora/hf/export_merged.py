@@ -7,8 +7,10 @@ the gate projection. A router trained during fine-tuning (saved with the adapter
 base router. Everything else comes from the base: the Megatron `--pretrained-checkpoint` when
 given (so a base trained or changed in Megatron exports too), else the HF model's own weights.
 
-Layer by layer: one layer of the base and one layer of adapters are in memory at a time, and
-the safetensors shards are written as they fill (`--max-shard-size`). Tensor names follow the
+The exact rank map goes to `drlora_rank_map.json`; the base's README.md is not copied (the
+exporter writes this model's card). Layer by layer: one layer of the base and one layer of
+adapters are in memory at a time, and the safetensors shards are written as they fill
+(`--max-shard-size`). Tensor names follow the
 HF base (per-expert names, what save_pretrained writes, unless the base stores fused experts).
 """
 
@@ -128,7 +130,11 @@ def export_merged(adapters: AdapterCheckpoint, hf: HFCheckpoint, desc: ModelDesc
         config["num_experts"] = config["num_local_experts"]
     with open(os.path.join(save, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
-    copied = copy_side_files(hf.path, save)
+    # The base's README describes the base: the exporter writes this model's own card.
+    copied = copy_side_files(hf.path, save, skip=("README.md",))
+    from megatron_drlora.hf.export_peft import RANK_MAP_FILE, write_rank_map
+
+    write_rank_map(adapters, desc, os.path.join(save, RANK_MAP_FILE), "merged")
     log(f"> merged {len(adapted)} adapted layers (ranks from the checkpoint, scale "
         f"{adapters.scale:g}{', trained router' if adapters.router_trained else ''}) into "
         f"{len(files)} shard(s) in {save} ({dtype_name}); copied {copied}")

@@ -21,8 +21,9 @@ Mixtral `block_sparse_moe.experts.3.w3`) with its exact rank: `target_modules` i
 lookup is linear in the number of keys), alpha = r with s folded into B. A rank-0 module gets
 one zero rank.
 
-A router trained with the adapters is saved as a `modules_to_save` module. `lora_dropout` is 0
-(PEFT refuses dropout on parameter targets). The exact rank map is written next to the adapter
+`base_model_name_or_path` is the base's hub id (see exporter.resolve_hub_id) or absent, never
+a local path. A router trained with the adapters is saved as a `modules_to_save` module.
+`lora_dropout` is 0 (PEFT refuses dropout on parameter targets). The exact rank map is written next to the adapter
 (`drlora_rank_map.json`), and `check_adapter_dir` re-reads the directory and fails if the config
 claims a rank its tensors do not have.
 """
@@ -33,7 +34,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -147,7 +148,9 @@ def _alternation(modules: List[str]) -> str:
 
 
 def export_peft(adapters: AdapterCheckpoint, hf_path: str, desc: ModelDescription, save: str,
-                layout: str = "fused", log=print) -> Dict:
+                layout: str = "fused", hub_id: Optional[str] = None, log=print) -> Dict:
+    """Write the adapter into `save`; `hub_id` becomes base_model_name_or_path (None: left
+    out; never a local path)."""
     try:
         from peft import LoraConfig
         from safetensors.torch import save_file
@@ -159,7 +162,7 @@ def export_peft(adapters: AdapterCheckpoint, hf_path: str, desc: ModelDescriptio
     os.makedirs(save, exist_ok=True)
     common = dict(lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False,
                   inference_mode=True,
-                  base_model_name_or_path=os.path.abspath(hf_path), task_type="CAUSAL_LM")
+                  base_model_name_or_path=hub_id, task_type="CAUSAL_LM")
     if layout == "fused":
         names = HFNames(desc, "fused")
         tensors, targets, ranks = _fused(adapters, desc)
