@@ -7,8 +7,10 @@ conftest.py) and reused by every test that compares against them.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -19,16 +21,32 @@ from tests.train_flags import DRLORA, TINY
 ENTRY = str(REPO / "examples" / "pretrain_gpt.py")
 
 
-def torchrun(nproc, args, timeout=400, expect_ok=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def torchrun(nproc, args, timeout=400, expect_ok=True, entry=ENTRY, env=None):
+    """torchrun ENTRY args in its own session; output goes to files, not pipes, and whatever
+    the run leaves behind (a rank killed mid-save orphans its checkpoint writer's Manager
+    process) is killed with the session, so a crashed run can neither hang the test nor
+    outlive it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", ENTRY] + list(args)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=str(REPO))
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", entry] + list(args)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True,
+                                cwd=str(REPO), start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
 
 
 def read_checkpoint(iter_dir, tmp):
@@ -71,3 +89,23 @@ def drlora_run(work, base, name, nproc, extra, stop_at=None):
         if stop_at is not None:
             assert "DR-LoRA state restored" in last.stdout + last.stderr
     return path
+
+
+def assert_same_run(reference, run, tmp):
+    """`run` took the reference's growth decisions at the same iterations (rank maps exact,
+    saliency to fp32 layout noise) and ended with the same trained tensors (relative to each
+    tensor's scale)."""
+    ref_events, run_events = events(reference), events(run)
+    assert [e["iteration"] for e in run_events] == [e["iteration"] for e in ref_events]
+    for ref, got in zip(ref_events, run_events):
+        assert got["rank_map"] == ref["rank_map"], got["iteration"]
+        ref_s, got_s = torch.tensor(ref["saliency"]), torch.tensor(got["saliency"])
+        assert torch.allclose(got_s, ref_s, rtol=1e-5, atol=1e-6 * ref_s.abs().max())
+    last = f"iter_{ref_events[-1]['iteration'] + 2:07d}"
+    ref_ckpt, got_ckpt = read_checkpoint(reference / last, tmp), read_checkpoint(run / last, tmp)
+    for key, ref_t in ref_ckpt["tensors"].items():
+        if key.startswith("optimizer."):
+            continue
+        scale = ref_t.abs().max().item()
+        assert torch.allclose(got_ckpt["tensors"][key].float(), ref_t.float(), rtol=0,
+                              atol=1e-4 * scale), key

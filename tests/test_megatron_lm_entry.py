@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.dist_harness import REPO
-from tests.megatron_runs import ENTRY, events, read_checkpoint, torchrun
+from tests.megatron_runs import ENTRY, assert_same_run, events, read_checkpoint, torchrun
 from tests.megatron_runs import drlora_run as _drlora_run
 from tests.train_flags import CPU as CPU_ARGS, DRLORA, EVENTS, LAYOUTS, TINY
 
@@ -50,19 +50,8 @@ def test_layout_takes_the_same_growth_decisions_as_one_process(layout, reference
     and resumed; EP2's resume is compared bitwise below) like one process."""
     extra = LAYOUTS[layout] + (["--async-save"] if layout == "dp2" else [])
     run = _drlora_run(work, base, layout, 2, extra, stop_at=None if layout == "ep2" else 3)
-    ref_events, run_events = events(reference), events(run)
-    assert [e["iteration"] for e in run_events] == EVENTS
-    for ref, got in zip(ref_events, run_events):
-        assert got["rank_map"] == ref["rank_map"], got["iteration"]
-        ref_s, got_s = torch.tensor(ref["saliency"]), torch.tensor(got["saliency"])
-        assert torch.allclose(got_s, ref_s, rtol=1e-5, atol=1e-6 * ref_s.abs().max())
-    ref_ckpt = read_checkpoint(reference / "iter_0000008", work)
-    got_ckpt = read_checkpoint(run / "iter_0000008", work)
-    for key, ref_t in ref_ckpt["tensors"].items():
-        if key.startswith("optimizer."):
-            continue
-        scale = ref_t.abs().max().item()
-        assert torch.allclose(got_ckpt["tensors"][key], ref_t, rtol=0, atol=1e-4 * scale), key
+    assert [e["iteration"] for e in events(run)] == EVENTS
+    assert_same_run(reference, run, work)
 
 
 def test_resume_is_bitwise_identical(work, base):
@@ -97,6 +86,9 @@ def test_checkpoint_loads_in_another_layout(source, work, base):
     proc = torchrun(1, TINY + DRLORA + ["--pretrained-checkpoint", str(base), "--save",
                                         str(copy), "--load", str(copy)])
     assert "DR-LoRA state restored: average rank 3.00" in proc.stdout
+    # Megatron-LM restores the RNG state where (TP, PP) match (ep2 -> 1: data-parallel rank
+    # 0's) and says it resets it where they do not; DR-LoRA's own state holds no RNG
+    assert ("RNG state will be ignored" in proc.stdout) == (source == "tp2")
     want = read_checkpoint(src / "iter_0000008", work)
     got = read_checkpoint(copy / "iter_0000008", work)
     assert torch.equal(want["drlora"]["rank_map"], got["drlora"]["rank_map"])

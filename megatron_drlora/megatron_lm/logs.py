@@ -5,7 +5,9 @@
 - `drlora_steps.jsonl`: one line per optimizer step: whether Megatron applied it, the global
   gradient norm it computed, the average rank and the seconds DR-LoRA spent. Exact floats, so
   runs can be compared bitwise (layouts, nodes, resume).
-A resumed run appends to both; a fresh run (iteration 0) starts them anew.
+A resumed run appends to both, after dropping what the run did past the checkpoint it
+resumes from (a crash or a kill after the last save: those iterations run again); a fresh run
+(iteration 0) starts them anew.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -35,6 +37,24 @@ class _JsonLines:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def keep_only(self, keep: Callable[[Dict], bool]) -> int:
+        """Rewrite the file with the records `keep` accepts (crash-safe: temporary file,
+        fsync, rename); returns how many were dropped."""
+        if not _is_rank0() or not os.path.isfile(self.path):
+            return 0
+        with open(self.path) as fh:
+            lines = [line for line in fh if line.strip()]
+        kept = [line for line in lines if keep(json.loads(line))]
+        if len(kept) == len(lines):
+            return 0
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        return len(lines) - len(kept)
+
 
 class RankLog(_JsonLines):
     """drlora_ranks.jsonl: one JSON object per rank-map change."""
@@ -55,6 +75,11 @@ class RankLog(_JsonLines):
             record["saliency"] = saliency
         self.write(record)
 
+    def resume_at(self, iteration: int) -> int:
+        """Drop the records of events after `iteration` (an event's `iteration` is the
+        optimizer step that applied it, counted from 0, so it belongs to iteration + 1)."""
+        return self.keep_only(lambda r: r["kind"] != "event" or r["iteration"] < iteration)
+
 
 class StepLog(_JsonLines):
     """drlora_steps.jsonl: one JSON object per optimizer step."""
@@ -72,3 +97,7 @@ class StepLog(_JsonLines):
         if dropped:
             record["statistics_dropped"] = dropped
         self.write(record)
+
+    def resume_at(self, iteration: int) -> int:
+        """Drop the records of iterations after `iteration` (counted from 1)."""
+        return self.keep_only(lambda r: r["iteration"] <= iteration)

@@ -264,8 +264,11 @@ class DRLoRARun:
         """The DR-LoRA state a checkpoint carries (before the controller exists, e.g. while
         Megatron-LM builds the request of a load, the initial one)."""
         if self.controller is not None:
+            from megatron.training import get_args
+
             self._write_steps()  # the log covers what the checkpoint covers
             state = self.controller.state_dict()
+            state["iteration"] = get_args().curr_iteration + 1  # the iteration being saved
         else:
             state = {"rank_map": self.handle.initial_rank_map(), "saliency": None,
                      "config": self.config.to_dict(), "settings": {}, "num_events": 0}
@@ -290,6 +293,12 @@ class DRLoRARun:
             hint = ("" if args.finetune else "; resume with the same settings, or start a new "
                     "run from these adapters with --finetune")
             raise RuntimeError(f"--load {args.load}: {err}{hint}") from None
+        if not args.finetune and state.get("iteration") is not None:
+            dropped = (self.rank_log.resume_at(state["iteration"])
+                       + self.step_log.resume_at(state["iteration"]))
+            if dropped:
+                _print0(f"> DR-LoRA logs: dropped {dropped} records of iterations after "
+                        f"{state['iteration']}, the checkpoint this run resumes from")
         average = float(self.controller.rank_map.double().mean())
         _print0(f"> DR-LoRA state restored: average rank {average:.2f}"
                 f"{' (saliency EMAs restart: --finetune)' if args.finetune else ''}")
