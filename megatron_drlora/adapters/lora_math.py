@@ -14,6 +14,7 @@ Nothing here knows about processes.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -67,8 +68,9 @@ def grouped_lora_delta(
 
     Why grouped: the number of kernels per call does not grow with the number of local
     experts (two grouped GEMMs at the largest active rank plus a rank mask). Where
-    `torch.nn.functional.grouped_mm` cannot run (older torch, float64, strides not 16-byte
-    aligned) the per-expert loop computes the same math.
+    `torch.nn.functional.grouped_mm` cannot run well (older torch, float64, strides not
+    16-byte aligned, CUDA other than bf16 on sm90: see `_grouped_kernel_for`) the per-expert
+    loop computes the same math.
     """
     num_experts = a.shape[0]
     if len(ranks) != num_experts:
@@ -119,9 +121,9 @@ def _grouped_width(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     aligned strides), capped at r_max. Everything is decided from shapes, strides and the
     host copy of the ranks: no device read.
     """
-    if _GROUPED_MM is None or x.shape[0] == 0:
+    if _GROUPED_MM is None or x.shape[0] == 0 or not _grouped_kernel_for(x.device, x.dtype):
         return None
-    if not (x.dtype == a.dtype == b.dtype) or x.dtype not in _GROUPED_DTYPES:
+    if not (x.dtype == a.dtype == b.dtype):
         return None
     if x.device != a.device or x.device != b.device or x.stride(-1) != 1:
         return None
@@ -136,6 +138,21 @@ def _grouped_width(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     if any(t.data_ptr() % _ALIGN_BYTES for t in (x, a, b)):
         return None
     return width
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_kernel_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm runs here without reading the offsets on the host and with exact
+    zero gradients for experts without tokens. On CUDA that is the CUTLASS kernel, bf16 on
+    sm90: torch's fallback (other dtypes and GPUs) copies the offsets to the host (a sync) and
+    loops, and on sm100 empty groups have been reported to get non-zero weight gradients
+    (pytorch/pytorch#172439); there the per-expert loop runs instead. On CPU there is no
+    device to wait for (grouped_mm loops over the groups in C++)."""
+    if device.type == "cpu":
+        return dtype in _GROUPED_DTYPES
+    if device.type == "cuda" and torch.version.hip is None:
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] == 9
+    return False
 
 
 def _device_counts(tokens_per_expert, device: torch.device) -> torch.Tensor:
