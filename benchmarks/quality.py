@@ -42,7 +42,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,8 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from megatron_drlora.launch.ports import free_port  # noqa: E402
 
 VARIANTS = {
     # name: label (the flags of each variant are in finetune_flags)
@@ -69,12 +70,6 @@ DRLORA_FAMILY = ("drlora", "frequency", "importance", "global")
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -272,7 +267,7 @@ def launch(flags: List[str], run_dir: str) -> float:
     RUN/command.txt, stdout and stderr to RUN/train.log. Returns its wall-clock seconds."""
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", ENTRY] + flags
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", ENTRY] + flags
     with open(os.path.join(run_dir, "command.txt"), "w") as fh:
         fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
     start = time.perf_counter()
@@ -650,7 +645,7 @@ def main(argv=None) -> int:
 
     # One single-process "world" for the evaluation in this process (training runs under
     # torchrun in subprocesses, without these variables).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     for key in ("LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID"):
         os.environ.pop(key, None)

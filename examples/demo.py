@@ -20,18 +20,14 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_drlora.launch.ports import free_port  # noqa: E402
 
 
 def run(cmd, log_path=None) -> None:
@@ -52,7 +48,7 @@ def run(cmd, log_path=None) -> None:
 
 def torchrun(nproc: int):
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
             os.path.join(REPO, "examples", "pretrain_gpt.py")]
 
 

@@ -4,7 +4,6 @@ Multi-process tests never use this: they spawn their own processes (tests/dist_h
 """
 
 import os
-import socket
 import warnings
 
 import pytest
@@ -16,11 +15,7 @@ from megatron_drlora.compat.megatron import prepare_import  # noqa: E402
 
 prepare_import()  # before any test module imports megatron (Python 3.11, no triton)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_drlora.launch.ports import free_port  # noqa: E402,F401  (tests import it here)
 
 
 @pytest.fixture(scope="session")

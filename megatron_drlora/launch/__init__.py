@@ -20,6 +20,7 @@ _EXPORTS = {
     "check_parallel_layout": "slurm",
     "expand_hostlist": "slurm",
     "settings_from_env": "slurm",
+    "free_port": "ports",
     "is_requeued": "requeue",
     "requeue_hint": "requeue",
 }
