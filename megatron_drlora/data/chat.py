@@ -3,7 +3,8 @@ tokens only (used by tools/preprocess_data.py).
 
 A record is either `{"messages": [{"role": ..., "content": ...}, ...]}` (the open-instruct /
 Tulu form; roles system, user, assistant) or a prompt/response record (`prompt`, `response`,
-optional `system`), which renders as [system], user, assistant.
+optional `system`), which renders as [system], user, assistant. Only each message's `role`
+and `content` reach the template.
 
 Rendering and tokenization are exactly `tokenizer.apply_chat_template(messages,
 tokenize=True)` of transformers: the template renders the text (with the tokenizer's special
