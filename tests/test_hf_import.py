@@ -133,6 +133,17 @@ def test_cli_missing_directory_is_a_clear_error(tmp_path):
     assert code == 2 and "--hf-path" in err and "no such directory" in err
 
 
+def test_existing_checkpoint_in_save_is_refused_before_any_work(hf_models, tmp_path):
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.importer import convert
+
+    os.makedirs(tmp_path / "out")
+    open(tmp_path / "out" / "latest_checkpointed_iteration.txt", "w").write("0")
+    with pytest.raises(HFInteropError, match="--save .*holds a checkpoint already"):
+        convert(str(hf_models / "mixtral"), str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == ["latest_checkpointed_iteration.txt"]
+
+
 def test_unknown_architecture_is_refused(tmp_path):
     from megatron_drlora.hf.common import HFInteropError
     from megatron_drlora.hf.importer import convert

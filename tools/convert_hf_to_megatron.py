@@ -5,9 +5,11 @@
     torchrun --nproc_per_node 2 tools/convert_hf_to_megatron.py --hf-path DIR --save OUT \
         --expert-model-parallel-size 2
 
-Writes OUT/iter_0000000/ (+ tracker), OUT/model.args (the model flags for
-`examples/pretrain_gpt.py @OUT/model.args --pretrained-checkpoint OUT ...`) and
-OUT/hf_source.json. Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (megatron_drlora/hf/).
+Writes OUT/iter_0000000/ (+ tracker), OUT/model.args (the model flags, and the HF tokenizer
+when DIR has one, for `examples/pretrain_gpt.py @OUT/model.args --pretrained-checkpoint OUT
+...`) and OUT/hf_source.json. Weights keep the checkpoint's dtype unless --dtype fp32|bf16|fp16;
+peak memory is the rank's share of the base plus less than a layer (logged at the end).
+Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (megatron_drlora/hf/, docs/hf_interop.md).
 """
 
 import os

@@ -7,8 +7,9 @@ results as merged HF checkpoints or PEFT adapters.
 - `mapping`: the tensor mapping between Megatron's global checkpoint keys and HF names.
 - `importer`: HF -> Megatron base checkpoint + model args file (tools/convert_hf_to_megatron.py).
 - `megatron_reader`: layer-by-layer reads from dist checkpoints (no model is built).
-- `exporter` (tools/export_to_hf.py) with `export_merged` and `export_peft`.
-- `verify`: logits of the HF model vs the Megatron model (tests, sanity checks).
+- `exporter` (tools/export_to_hf.py) with `export_merged`, `export_peft` and `model_card`
+  (the export's README.md); writes staged in a hidden directory and renamed when complete.
+- `verify`: logits of the HF model vs the Megatron model (`--verify`, tests).
 
 Needs the `hf` extra (transformers, peft, safetensors) only where HF objects are touched.
 """

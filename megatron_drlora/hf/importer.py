@@ -20,7 +20,9 @@ are read one tensor (or one expert's rows of a fused tensor) at a time with plai
 Next to the checkpoint go `model.args` (the model flags, plus `--tokenizer-type
 HuggingFaceTokenizer --tokenizer-model HF_DIR` when the HF directory has a tokenizer;
 `examples/pretrain_gpt.py @SAVE/model.args ...`) and `hf_source.json` (family, vocabulary,
-dtype, source path, hub id) that the exporter checks against.
+dtype, source path, hub id), each written atomically before the checkpoint, whose tracker file
+(written last by save_base_checkpoint) marks the conversion complete. An existing checkpoint in
+SAVE is refused before any work.
 """
 
 from __future__ import annotations
@@ -202,6 +204,11 @@ def convert(hf_path: str, save: str, tensor_model_parallel_size: int = 1,
     check_names(hf, names)
     if dtype is not None and dtype not in DTYPES:
         raise HFInteropError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    from megatron_drlora.checkpoint import TRACKER, iteration_dir
+
+    if os.path.exists(iteration_dir(save, 0)) or os.path.exists(os.path.join(save, TRACKER)):
+        raise HFInteropError(f"--save {save}: holds a checkpoint already; convert into a new "
+                             f"directory")
     src_dtype = source_dtype(hf, names)
     out_dtype = dtype or src_dtype
     tok_flags = tokenizer_flags(hf_path, desc.vocab_size, log)
@@ -232,15 +239,13 @@ def convert(hf_path: str, save: str, tensor_model_parallel_size: int = 1,
             f"{desc.topk}), {names.style} HF tensors; TP {tp} EP {ep} PP {pp}; vocabulary "
             f"{desc.vocab_size} padded to {padded}; {src_dtype} checkpoint -> {out_dtype} base")
     log(f"> rank {dist.get_rank()}: filled {count} tensor shards from {hf_path}")
-    save_base_checkpoint(save, [_PreparedState(state)])
-    del state
     flags = desc.flags()
     if make_vocab_size_divisible_by != 128:
         flags.append(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by}")
     flags += tok_flags
     args_file = os.path.join(save, ARGS_FILE)
-    peak = peak_rss_bytes()
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # before the checkpoint: its tracker, written last, commits all
+        os.makedirs(save, exist_ok=True)
         _write_args_file(args_file, flags, hf_path, desc, tp, ep, pp, padded, out_dtype)
         source = {"hf_path": os.path.abspath(hf_path), "hub_id": hub_id_of(hf.config_dict),
                   "family": desc.family, "architectures": hf.config_dict.get("architectures"),
@@ -250,6 +255,9 @@ def convert(hf_path: str, save: str, tensor_model_parallel_size: int = 1,
                   "flags": flags}
         atomic_write_text(os.path.join(save, SOURCE_FILE), json.dumps(source, indent=2) + "\n")
         log("> model flags (saved to " + args_file + "):\n  " + "\n  ".join(flags))
+    save_base_checkpoint(save, [_PreparedState(state)])
+    del state
+    peak = peak_rss_bytes()
     log(f"> rank {dist.get_rank()}: resident memory {rss_before / 2 ** 20:.1f} MiB before the "
         f"model was built, peak {peak / 2 ** 20:.1f} MiB (+{(peak - rss_before) / 2 ** 20:.1f} "
         f"MiB for the conversion)")
