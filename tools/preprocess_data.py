@@ -54,9 +54,10 @@ token when the record ends with an assistant turn. --max-document-length N cuts 
 documents (Megatron's GPTDataset otherwise packs whole documents into --seq-length samples
 across document boundaries).
 
-Prompt and response are tokenized separately and concatenated (without --apply-chat-template): at generation time the prompt
-is tokenized alone, so the model sees exactly the prompt tokens it was trained on. Special
-tokens a tokenizer puts before every text (a Hugging Face bos) stay on the prompt only.
+Prompt/response records without --apply-chat-template: prompt and response are tokenized
+separately and concatenated; at generation time the prompt is tokenized alone, so the model
+sees exactly the prompt tokens it was trained on. Special tokens a tokenizer puts before every
+text (a Hugging Face bos) stay on the prompt only.
 
 --workers N tokenizes in N processes; the output is identical to --workers 1. Outputs are
 written under temporary names and renamed only when everything succeeded, the meta file last;
