@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 PROJECTIONS = ("gate", "up", "down")
 SALIENCY_VARIANTS = ("full", "frequency", "importance")
@@ -73,6 +74,12 @@ class DRLoRAConfig:
                        "(paper), always frozen, or always trained.", choices=ROUTER_MODES)
     seed: int = _opt(1234, "Seed of the adapter init; the init of (layer, expert, projection) "
                      "depends only on this seed, never on the parallel layout.")
+    rank_map: Optional[List] = _opt(None, "A fixed heterogeneous allocation: a JSON file with "
+                                    "the ranks [MoE layer][expert][target projection] (a list, "
+                                    "or {\"rank_map\": list}), each in [0, r_max]. The run "
+                                    "starts from it and never grows; every layer (global "
+                                    "allocation: the model) must fit the budget.",
+                                    cli="rank-map")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -81,6 +88,8 @@ class DRLoRAConfig:
         # growth order must not depend on how the user spelled --drlora-targets.
         rank = {p: i for i, p in enumerate(PROJECTIONS)}
         self.targets = tuple(sorted(self.targets, key=lambda t: rank.get(t, len(rank))))
+        if isinstance(self.rank_map, str):  # a file name: the config keeps the map itself
+            self.rank_map = read_rank_map_file(self.rank_map)
         self.validate()
 
     # --- derived values -------------------------------------------------------------------
@@ -107,7 +116,7 @@ class DRLoRAConfig:
 
     @property
     def grows(self) -> bool:
-        return self.method == "drlora" and self.rank_init < self.budget
+        return self.method == "drlora" and self.rank_init < self.budget and self.rank_map is None
 
     # --- validation -----------------------------------------------------------------------
     def validate(self) -> None:
@@ -165,11 +174,46 @@ class DRLoRAConfig:
                     f"floor(({self.rank_max} - {self.rank_init}) * {self.p_grow}) is 0, so no "
                     f"expert could ever grow; raise --drlora-p-grow or --drlora-rank-max, or "
                     f"lower --drlora-rank-init")
+        if self.rank_map is not None:
+            self._validate_rank_map(bad)
         for name, choices in (("allocation", ALLOCATION_SCOPES), ("saliency", SALIENCY_VARIANTS),
                               ("frequency", FREQUENCY_SOURCES), ("router", ROUTER_MODES)):
             if getattr(self, name) not in choices:
                 bad(name, f"unknown value {getattr(self, name)!r}; choose one of "
                     f"{', '.join(choices)}")
+
+    def _validate_rank_map(self, bad) -> None:
+        """Shape [layers][experts][len(targets)], integers in [0, r_max], within the budget of
+        uniform LoRA at r_target per layer ('layer' allocation) or over the model ('global')."""
+        rmap, width = self.rank_map, len(self.targets)
+        if self.method != "drlora":
+            bad("rank_map", "is a DR-LoRA allocation; it needs --drlora-method drlora")
+        if not isinstance(rmap, list) or not rmap or not all(
+                isinstance(layer, list) and layer and len(layer) == len(rmap[0])
+                and all(isinstance(e, list) and len(e) == width for e in layer)
+                for layer in rmap):
+            bad("rank_map", f"must be a non-empty [MoE layer][expert][projection] list with "
+                f"the same number of experts in every layer and {width} rank(s) per expert "
+                f"(targets {','.join(self.targets)})")
+        ranks = [r for layer in rmap for e in layer for r in e]
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+            bad("rank_map", "ranks must be integers")
+        if min(ranks) < 0 or max(ranks) > self.rank_max:
+            bad("rank_map", f"ranks must lie in [0, r_max={self.rank_max}], got "
+                f"{min(ranks)}..{max(ranks)}")
+        modules = len(rmap[0]) * width
+        sums = [sum(r for e in layer for r in e) for layer in rmap]
+        if self.allocation == "global":
+            if sum(sums) > len(rmap) * modules * self.budget:
+                bad("rank_map", f"uses {sum(sums)} module-ranks, over the budget "
+                    f"{len(rmap)} layers x {modules} modules x r_target {self.budget} = "
+                    f"{len(rmap) * modules * self.budget}")
+        else:
+            over = [(l, s) for l, s in enumerate(sums) if s > modules * self.budget]
+            if over:
+                bad("rank_map", f"layer {over[0][0]} uses {over[0][1]} module-ranks, over its "
+                    f"budget {modules} modules x r_target {self.budget} = "
+                    f"{modules * self.budget} ({len(over)} layer(s) over)")
 
     # --- serialisation --------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -218,7 +262,20 @@ class DRLoRAConfig:
                 f"r_max={self.rank_max} alpha={self.lora_alpha:g} scale={self.scale:g} "
                 f"targets={','.join(self.targets)} saliency={self.saliency} "
                 f"allocation={self.allocation} beta={self.beta} gamma={self.gamma} "
-                f"p_grow={self.p_grow} T_grow={self.grow_interval} T_buffer={self.grow_buffer}")
+                f"p_grow={self.p_grow} T_grow={self.grow_interval} T_buffer={self.grow_buffer}"
+                f"{' rank_map=fixed (no growth)' if self.rank_map is not None else ''}")
+
+
+def read_rank_map_file(path: str) -> List:
+    """The rank map of a `--drlora-rank-map` JSON file: a nested list, or {"rank_map": ...}."""
+    if not os.path.isfile(path):
+        raise DRLoRAConfigError(f"--drlora-rank-map: file {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except ValueError as e:
+        raise DRLoRAConfigError(f"--drlora-rank-map {path}: not valid JSON: {e}") from e
+    return data.get("rank_map") if isinstance(data, dict) else data
 
 
 def _is_number(v) -> bool:
@@ -248,6 +305,8 @@ def add_drlora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kw["metavar"] = "PROJ[,PROJ]"
         elif f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
+        elif f.name == "rank_map":
+            kw["type"], kw["metavar"] = str, "FILE.json"
         elif f.name in ("alpha", "dropout", "beta", "gamma", "p_grow"):
             kw["type"] = float
         else:

@@ -96,7 +96,15 @@ class DRLoRAModel:
         return (self.num_moe_layers, self.num_experts, len(self.projections))
 
     def initial_rank_map(self) -> torch.Tensor:
-        return torch.full(self.rank_map_shape(), self.config.rank_init, dtype=torch.int64)
+        """r_init everywhere, or the fixed map of --drlora-rank-map (checked against the model)."""
+        if self.config.rank_map is None:
+            return torch.full(self.rank_map_shape(), self.config.rank_init, dtype=torch.int64)
+        rank_map = torch.tensor(self.config.rank_map, dtype=torch.int64)
+        if tuple(rank_map.shape) != self.rank_map_shape():
+            raise DRLoRAInjectionError(
+                f"--drlora-rank-map has shape {tuple(rank_map.shape)} but this model needs "
+                f"{self.rank_map_shape()} (MoE layers, experts, target projections)")
+        return rank_map
 
     def set_rank_map(self, rank_map: torch.Tensor) -> None:
         """Push a global [MoE layers, experts, projections] rank map into the local banks."""

@@ -75,6 +75,9 @@ def validate(args: argparse.Namespace) -> Optional[DRLoRAConfig]:
     if not args.num_experts:
         raise DRLoRAArgumentError("--drlora-* flags need an MoE model: give --num-experts "
                                   "(DR-LoRA adapts routed experts)")
+    if config.rank_map is not None and len(config.rank_map[0]) != args.num_experts:
+        raise DRLoRAArgumentError(f"--drlora-rank-map lists {len(config.rank_map[0])} experts "
+                                  f"per layer but --num-experts is {args.num_experts}")
     base = args.pretrained_checkpoint
     if not base:
         raise DRLoRAArgumentError("DR-LoRA fine-tunes a frozen base: give "
