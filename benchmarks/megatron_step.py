@@ -327,4 +327,10 @@ def train_step(mega: Megatron, v: Variant, batch: Dict, iteration: int) -> Dict[
 
 
 def new_log_dir() -> str:
-    return tempfile.mkdtemp(prefix="drlora_step_time_")
+    """Where the runs' drlora_ranks.jsonl / drlora_steps.jsonl go; removed at exit."""
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix="drlora_step_time_")
+    atexit.register(shutil.rmtree, path, True)
+    return path

@@ -136,10 +136,11 @@ def measure(args, s) -> Dict:
             print(f"rep {rep}: " + " ".join(f"{n}={1000 * p[-1]['step']:.1f}ms"
                                             for n, p in phases.items()), flush=True)
 
-    # A growth event: DR-LoRA's finish() at an event step minus at a normal step, from the
-    # middle map (restored after every event, so each repetition starts from the same state).
+    # A growth event: DR-LoRA's finish() at an event step minus at a normal step, from a
+    # middle map that can still grow (restored after every event, so each repetition starts
+    # from the same state).
     event_steps = schedule.event_steps()
-    middle = maps[len(maps) // 2][1]
+    middle = maps[max(0, min(len(maps) // 2, len(maps) - 2))][1]
     event_finish, normal_finish = [], []
     for _ in range(max(2, args.reps // 2) if event_steps else 0):
         for at, out in ((event_steps[len(event_steps) // 2], event_finish),
