@@ -5,7 +5,6 @@ trajectory, and the integration of step times over a run."""
 from __future__ import annotations
 
 import os
-import random
 import sys
 import traceback
 import warnings
@@ -261,20 +260,6 @@ def trajectory_maps(schedule, initial: torch.Tensor, points: int, seed: int,
             k += 1
         out.append((k, ranks.clone()))
     return out
-
-
-def random_map_like(shape, mean: float, r_init: int, r_max: int, cap: int, seed: int):
-    """A heterogeneous map of the given mean (rounded), grown in random chunks of `cap`."""
-    L, E, M = shape
-    rng = random.Random(seed)
-    rank = torch.full(shape, r_init, dtype=torch.int64)
-    extra = round(L * E * M * (mean - r_init))
-    while extra > 0:
-        l, e, m = rng.randrange(L), rng.randrange(E), rng.randrange(M)
-        n = min(max(1, cap), r_max - int(rank[l, e, m]), extra)
-        rank[l, e, m] += n
-        extra -= n
-    return rank
 
 
 # --------------------------------------------------------------------------------------------
