@@ -58,6 +58,21 @@ CHATML_MARKED = (
     "{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
+# Mixtral-Instruct's template: user/assistant only, alternating (it raises otherwise), no
+# generation prompt of its own (a user turn ends with ' [/INST]').
+MIXTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}")
+MIXTRAL_MARKED = MIXTRAL.replace(
+    "{{ message['content'] + eos_token }}",
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}")
+
 SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -67,22 +82,32 @@ def sentence(rng: random.Random, n: int = 6) -> str:
 
 def corpus(n: int = 400, seed: int = 0):
     rng = random.Random(seed)
-    return [sentence(rng, 12) for _ in range(n)] + ["<|user|>\n<|assistant|>\n<|system|>\n"]
+    return [sentence(rng, 12) for _ in range(n)] + [
+        "<|user|>\n<|assistant|>\n<|system|>\n", "[INST] [/INST]"]
 
 
 def build_chat_tokenizer(directory, template=None, *, bos_post_processor=False,
-                         eos="</s>", bos="<s>"):
+                         eos="</s>", bos="<s>", metaspace=False):
     """Save a tokenizer directory (tokenizer.json, tokenizer_config.json and, with `template`,
-    chat_template.jinja, as save_pretrained writes them); returns its path as a string."""
+    chat_template.jinja, as save_pretrained writes them); returns its path as a string.
+    Byte-level BPE (GPT-2 / Qwen / OLMoE style), or with `metaspace` SentencePiece-style
+    ('\u2581' for spaces, Llama / Mixtral tokenizer.json style)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
+                                                     prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        alphabet = []
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet,
+        show_progress=False))
     if bos_post_processor:  # every encode(..., add_special_tokens=True) starts with bos
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
@@ -94,14 +119,14 @@ def build_chat_tokenizer(directory, template=None, *, bos_post_processor=False,
     return str(directory)
 
 
-def chat_records(n: int, seed: int = 0):
+def chat_records(n: int, seed: int = 0, system: bool = True):
     """Multi-turn chat records in the open-instruct form: optional system, 1-3 exchanges,
     sometimes ending with an unanswered user turn."""
     rng = random.Random(seed)
     records = []
     for i in range(n):
         messages = []
-        if rng.random() < 0.4:
+        if rng.random() < 0.4 and system:
             messages.append({"role": "system", "content": sentence(rng)})
         for _ in range(rng.randint(1, 3)):
             messages.append({"role": "user", "content": sentence(rng)})

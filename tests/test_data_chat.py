@@ -15,6 +15,8 @@ import pytest
 from tests.chat_tokenizers import (
     CHATML,
     CHATML_MARKED,
+    MIXTRAL,
+    MIXTRAL_MARKED,
     TULU,
     TULU_MARKED,
     build_chat_tokenizer,
@@ -30,6 +32,7 @@ TOKENIZERS = {
     "tulu": (TULU, TULU_MARKED, "</s>", True),  # bos from the template, eos closes each reply
     "chatml_base": (CHATML, CHATML_MARKED, "<|endoftext|>", False),  # eos not in the template
     "chatml_instruct": (CHATML, CHATML_MARKED, "<|im_end|>", False),  # eos closes each turn
+    "mixtral": (MIXTRAL, MIXTRAL_MARKED, "</s>", True),  # SentencePiece-style tokenizer.json
 }
 
 
@@ -37,9 +40,11 @@ TOKENIZERS = {
 def chat(tmp_path_factory):
     d = tmp_path_factory.mktemp("chat")
     for name, (template, _, eos, bos_pp) in TOKENIZERS.items():
-        build_chat_tokenizer(d / name, template, eos=eos, bos_post_processor=bos_pp)
+        build_chat_tokenizer(d / name, template, eos=eos, bos_post_processor=bos_pp,
+                             metaspace=name == "mixtral")
     build_chat_tokenizer(d / "plain")  # no chat template
     write_jsonl(d / "chat.jsonl", chat_records(40, seed=3))
+    write_jsonl(d / "chat_no_system.jsonl", chat_records(40, seed=5, system=False))
     return d
 
 
@@ -74,9 +79,10 @@ def expected(tok, marked, messages, append_eod):
 def test_chat_tokens_and_assistant_mask(chat, tmp_path, name):
     template, marked, _, _ = TOKENIZERS[name]
     out = tmp_path / "c"
-    assert run(chat / name, chat / "chat.jsonl", out, "--append-eod") == 0
+    src = chat / ("chat_no_system.jsonl" if name == "mixtral" else "chat.jsonl")
+    assert run(chat / name, src, out, "--append-eod") == 0
     tok = hf(chat / name)
-    records = [json.loads(x) for x in open(chat / "chat.jsonl")]
+    records = [json.loads(x) for x in open(src)]
     docs, masks = documents(f"{out}_text_document"), documents(f"{out}_text_document_lossmask")
     appended = 0
     for record, doc, mask in zip(records, docs, masks, strict=True):
@@ -100,7 +106,7 @@ def test_chat_tokens_and_assistant_mask(chat, tmp_path, name):
         assert tok.decode(docs[0][-3:]) == "<|im_end|>\n<|endoftext|>"
     else:
         assert appended == 0, "the template closes replies with the eos already"
-    if name == "tulu":
+    if name in ("tulu", "mixtral"):
         bos = tok.bos_token_id
         assert all(d[0] == bos and d[1] != bos for d in docs), "exactly one bos"
         rendered = tok.apply_chat_template(records[0]["messages"], tokenize=False)
@@ -223,6 +229,11 @@ def test_bad_chat_records_fail_before_any_tokenization(chat, tmp_path, capsys, m
         _fails(capsys, tmp_path, tok, good + [bad], message, "--workers", "2")
     _fails(capsys, tmp_path, tok, [{"prompt": "q", "response": ""}],
            "{src}:1: field 'response' (assistant): empty content", "--apply-chat-template")
+    # the template itself refuses a conversation (Mixtral's: user first, then alternating)
+    system = {"role": "system", "content": "be kind"}
+    _fails(capsys, tmp_path, chat / "mixtral", chat_records(5, 2, system=False) + [
+        {"messages": [system, user, reply]}], "{src}:6: the chat template refused this "
+        "conversation: Conversation roles must alternate", "--workers", "2")
 
 
 def test_tokenizer_without_chat_template(chat, tmp_path, capsys):

@@ -41,18 +41,18 @@ that training can refuse data made with another tokenizer
 (megatron_drlora.data.dataset.check_tokenizer_matches).
 
 Chat records (megatron_drlora/data/chat.py): roles system, user, assistant; every record needs
-an assistant turn and non-empty text content, which is checked for the whole file before any
-tokenization. The ids are exactly transformers' apply_chat_template(messages, tokenize=True)
-(the template writes bos if the model wants one; the text is tokenized without adding special
-tokens). The assistant tokens are those whose characters fall in an assistant turn: the
-template's {% generation %} blocks when it has them, else by prefix rendering (an assistant
-turn spans from the end of the rendered conversation before it, generation prompt included, to
-the end of the rendered conversation through it, i.e. the reply and the template's
-end-of-turn text). With --append-eod the eod is appended unless the last assistant turn (or
-what follows it) already holds it (a template that ends replies with eos_token); it is a loss
-token when the record ends with an assistant turn. --max-document-length N cuts longer
-documents (Megatron's GPTDataset otherwise packs whole documents into --seq-length samples
-across document boundaries).
+an assistant turn and non-empty text content, and the template must render it; the whole file is
+checked before any tokenization. The ids are exactly transformers' apply_chat_template(messages,
+tokenize=True) (the template writes bos if the model wants one; the text is tokenized without
+adding special tokens). The assistant tokens are those whose characters fall in an assistant
+turn: the template's {% generation %} blocks when it has them, else by prefix rendering (an
+assistant turn spans from the end of the rendered conversation before it, generation prompt
+included, to the end of the rendered conversation through it, i.e. the reply and the template's
+end-of-turn text). With --append-eod the eod is appended unless the last assistant turn (or what
+follows it) already holds it (a template that ends replies with eos_token); it is a loss token
+when the record ends with an assistant turn. --max-document-length N cuts longer documents
+(Megatron's GPTDataset otherwise packs whole documents into --seq-length samples across document
+boundaries).
 
 Prompt/response records without --apply-chat-template: prompt and response are tokenized
 separately and concatenated; at generation time the prompt is tokenized alone, so the model
@@ -406,14 +406,13 @@ def run(args: argparse.Namespace) -> dict:
     if mode in ("instruction", "chat") and not args.append_eod:
         print(f"warning: {mode} data without --append-eod: documents have no end-of-document "
               "token, so the model may not learn to stop after a reply", file=sys.stderr)
-    if mode == "chat":  # every record checked before any tokenization
-        for _ in encoded_chunks(RecordChecker(args.input, keys != list(CHAT_KEYS)),
-                                args.input, args.workers):
-            pass
     token_dtype = _indexed_dataset().DType.optimal_dtype(vocab_size)
     encoder = DocumentEncoder(tokenizer_args, mode, keys, bool(args.append_eod), args.input,
                               tokenizer=tokenizer, chat_template=template,
                               max_length=args.max_document_length)
+    if mode == "chat":  # every record checked and rendered before any tokenization
+        for _ in encoded_chunks(RecordChecker(encoder), args.input, args.workers):
+            pass
     masked = mode in ("instruction", "chat")
     names = ["text"] if masked else keys
 

@@ -28,6 +28,7 @@ rule transformers uses), from the fast tokenizer's offsets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -141,6 +142,16 @@ def chat_messages(record: dict, path: str, lineno: int, prompt_response: bool) -
     return out
 
 
+@contextlib.contextmanager
+def _template_errors(where: str):
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except TemplateError as err:
+        raise JsonlError(f"{where}: the chat template refused this conversation: {err}") from None
+
+
 class ChatRenderer:
     """Renders conversations with `template` through `hf_tokenizer` and finds the assistant
     tokens (module docstring). Needs a fast tokenizer (tokenizer.json) for character offsets."""
@@ -156,10 +167,14 @@ class ChatRenderer:
         self.method = ("generation-markers" if has_generation_markers(template)
                        else "prefix-rendering")
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.template, tokenize=False,
-            add_generation_prompt=add_generation_prompt)
+    def render(self, messages: Sequence[dict], where: str,
+               add_generation_prompt: bool = False) -> str:
+        """The template's text for `messages`; JsonlError naming `where` (file:line) when the
+        template refuses them (its raise_exception, e.g. roles that must alternate)."""
+        with _template_errors(where):
+            return self.tokenizer.apply_chat_template(
+                list(messages), chat_template=self.template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
 
     def assistant_spans(self, messages: Sequence[dict], text: str,
                         where: str) -> List[Tuple[int, int]]:
@@ -169,8 +184,8 @@ class ChatRenderer:
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.render(messages[:k], add_generation_prompt=True) if k else ""
-            through = self.render(messages[:k + 1])
+            before = self.render(messages[:k], where, add_generation_prompt=True) if k else ""
+            through = self.render(messages[:k + 1], where)
             if not (text.startswith(before) and text.startswith(through)):
                 raise ChatTemplateError(
                     f"{where}: the chat template does not render the conversation up to "
@@ -186,15 +201,16 @@ class ChatRenderer:
     def encode(self, messages: Sequence[dict], where: str) -> Tuple[List[int], List[int]]:
         """(ids, mask): apply_chat_template's ids, mask 1 on assistant tokens."""
         if self.method == "generation-markers":
-            out = self.tokenizer.apply_chat_template(
-                list(messages), chat_template=self.template, tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True)
+            with _template_errors(where):
+                out = self.tokenizer.apply_chat_template(
+                    list(messages), chat_template=self.template, tokenize=True,
+                    return_dict=True, return_assistant_tokens_mask=True)
             ids, mask = list(out["input_ids"]), [int(x) for x in out["assistant_masks"]]
             if not any(mask):
                 raise ChatTemplateError(
                     f"{where}: the template's {{% generation %}} blocks mark no token")
             return ids, mask
-        text = self.render(messages)
+        text = self.render(messages, where)
         spans = self.assistant_spans(messages, text, where)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])

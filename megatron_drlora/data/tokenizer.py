@@ -385,19 +385,23 @@ class DocumentEncoder:
 
 
 class RecordChecker:
-    """Checks chat / instruction records before any tokenization (tools/preprocess_data.py's
-    first pass): same interface as DocumentEncoder.encode_chunk, returns nothing."""
+    """Checks chat records before any tokenization (tools/preprocess_data.py's first pass):
+    their structure, and that the template renders them (a template may refuse a
+    conversation, e.g. roles that do not alternate). Same interface as
+    DocumentEncoder.encode_chunk; returns nothing."""
 
-    def __init__(self, path: str, prompt_response: bool):
-        self.path, self.prompt_response = path, prompt_response
+    def __init__(self, encoder: DocumentEncoder):
+        self.encoder = encoder
 
     def encode_chunk(self, chunk: Sequence[Tuple[int, str]]):
         from megatron_drlora.data.chat import chat_messages
 
+        path, prompt_response = self.encoder.path, self.encoder.keys != ["messages"]
         for lineno, line in chunk:
             if line.strip():
-                chat_messages(parse_jsonl_line(self.path, lineno, line), self.path, lineno,
-                              self.prompt_response)
+                messages = chat_messages(parse_jsonl_line(path, lineno, line), path, lineno,
+                                         prompt_response)
+                self.encoder.renderer.render(messages, f"{path}:{lineno}")
         return []
 
 
