@@ -87,7 +87,7 @@ def corpus(n: int = 400, seed: int = 0):
 
 
 def build_chat_tokenizer(directory, template=None, *, bos_post_processor=False,
-                         eos="</s>", bos="<s>", metaspace=False):
+                         eos="</s>", bos="<s>", metaspace=False, vocab_size=300):
     """Save a tokenizer directory (tokenizer.json, tokenizer_config.json and, with `template`,
     chat_template.jinja, as save_pretrained writes them); returns its path as a string.
     Byte-level BPE (GPT-2 / Qwen / OLMoE style), or with `metaspace` SentencePiece-style
@@ -106,7 +106,7 @@ def build_chat_tokenizer(directory, template=None, *, bos_post_processor=False,
         tok.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet,
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet,
         show_progress=False))
     if bos_post_processor:  # every encode(..., add_special_tokens=True) starts with bos
         tok.post_processor = processors.TemplateProcessing(
