@@ -182,6 +182,7 @@ def test_workers_give_identical_output(chat, tmp_path, monkeypatch, capsys):
                    "--workers", workers, "--log-interval", "16") == 0
         err = capsys.readouterr().err
         assert "processed 16 documents" in err and "% of the input" in err, err
+        assert "checked 40 chat records" in err, err
         files[workers] = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
     assert len(files["1"]) == 5 and files["1"] == files["2"]
 

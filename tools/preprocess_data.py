@@ -411,8 +411,12 @@ def run(args: argparse.Namespace) -> dict:
                               tokenizer=tokenizer, chat_template=template,
                               max_length=args.max_document_length)
     if mode == "chat":  # every record checked and rendered before any tokenization
-        for _ in encoded_chunks(RecordChecker(encoder), args.input, args.workers):
-            pass
+        start, checked = time.time(), 0
+        for results in encoded_chunks(RecordChecker(encoder), args.input, args.workers):
+            checked += len(results)
+        if args.log_interval > 0:
+            print(f"checked {checked} chat records in {time.time() - start:.1f} s",
+                  file=sys.stderr, flush=True)
     masked = mode in ("instruction", "chat")
     names = ["text"] if masked else keys
 

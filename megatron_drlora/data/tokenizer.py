@@ -388,7 +388,7 @@ class RecordChecker:
     """Checks chat records before any tokenization (tools/preprocess_data.py's first pass):
     their structure, and that the template renders them (a template may refuse a
     conversation, e.g. roles that do not alternate). Same interface as
-    DocumentEncoder.encode_chunk; returns nothing."""
+    DocumentEncoder.encode_chunk; returns one None per record checked."""
 
     def __init__(self, encoder: DocumentEncoder):
         self.encoder = encoder
@@ -397,12 +397,14 @@ class RecordChecker:
         from megatron_drlora.data.chat import chat_messages
 
         path, prompt_response = self.encoder.path, self.encoder.keys != ["messages"]
+        checked = []
         for lineno, line in chunk:
             if line.strip():
                 messages = chat_messages(parse_jsonl_line(path, lineno, line), path, lineno,
                                          prompt_response)
                 self.encoder.renderer.render(messages, f"{path}:{lineno}")
-        return []
+                checked.append(None)
+        return checked
 
 
 _WORKER_ENCODER: Optional[DocumentEncoder] = None
