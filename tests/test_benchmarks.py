@@ -1,7 +1,7 @@
 """Smoke tests of the benchmarks (benchmarks/step_time.py, benchmarks/quality.py) on CPU.
 
-Minimal settings: these check that the scripts run end to end and report what they promise,
-not the numbers (docs/benchmarks.md has those).
+Minimal settings (quality: `--quick`): these check that the scripts run end to end and report
+what they promise, not the numbers (docs/benchmarks.md has those).
 """
 
 import json
@@ -77,23 +77,40 @@ def test_host_sync_counter_sees_device_reads_and_exempts_host_tensors():
 
 
 @pytest.mark.slow
-def test_quality_minimal_end_to_end(tmp_path):
+def test_quality_quick_runs_every_control(tmp_path):
+    """`quality.py --quick` (the CI smoke test, 1 seed): every control and DR-LoRA train
+    through the training entry and are evaluated; the output has the promised structure."""
     out_dir = tmp_path / "q"
-    out = _run(["benchmarks/quality.py", "--out", str(out_dir), "--seeds", "1",
-                "--variants", "uniform_r_target,drlora", "--finetune-iters", "12",
-                "--base-iters", "8", "--num-per-domain", "60", "--finetune-records", "80",
-                "--eval-prompts", "12", "--num-layers", "2", "--hidden-size", "32",
-                "--moe-ffn-hidden-size", "32", "--num-experts", "4", "--batch-size", "4",
-                "--vocab-size", "256"])
-    assert "| LoRA, uniform r_target |" in out and "| DR-LoRA (full saliency) |" in out
+    out = _run(["benchmarks/quality.py", "--quick", "--out", str(out_dir)])
+    assert "| DR-LoRA (full saliency) |" in out and "| DR-LoRA vs |" in out
     result = json.load(open(out_dir / "quality.json"))
-    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("uniform_r_target", 0),
-                                                                 ("drlora", 0)]
+    controls = ["uniform_r_target", "uniform_flops", "static_frequency", "uniform_r_max"]
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == \
+        [(v, 0) for v in controls + ["drlora"]]
+    runs = {r["variant"]: r for r in result["runs"]}
     for run in result["runs"]:
-        assert 0.0 <= run["accuracy"] <= 1.0 and run["heldout_loss"] > 0
-        assert run["final_mean_rank"] == pytest.approx(4.0)  # both end at the budget
         assert os.path.isfile(os.path.join(run["run_dir"], "command.txt"))
-    drlora = result["runs"][1]
-    assert drlora["events"] and "spearman_rank_vs_target_frequency" in drlora["allocation"]
-    assert os.path.isfile(os.path.join(drlora["run_dir"], "drlora_ranks.jsonl"))
+        for domain in ("prose", "sort"):
+            score = run["scores"][domain]
+            assert 0.0 <= score["accuracy"] <= 1.0 and score["loss"] > 0
+            assert len(score["outcomes"]) == score["prompts"]
+    # same budget: r_target, the static map and DR-LoRA; the named ones above it
+    budget = runs["uniform_r_target"]["lora_params"]
+    assert runs["static_frequency"]["lora_params"] == runs["drlora"]["lora_params"] == budget
+    assert runs["uniform_r_max"]["lora_params"] == 2 * budget
+    assert runs["static_frequency"]["rank_map"] == result["static_map"]
+    assert "--drlora-rank-map" in runs["static_frequency"]["flags"]
+    assert not runs["static_frequency"]["events"] and runs["drlora"]["events"]
+    flops = result["flops_match"]
+    assert flops["rank"] == int(flops["exact"] + 0.5)  # nearest, halves up
+    assert runs["uniform_flops"]["final_mean_rank"] == flops["rank"]
+    assert flops["ratios"] == [runs["drlora"]["lora_flops_ratio"]]
+    assert result["plan"]["target_reached_step"] < result["settings"]["finetune_iters"]
+    comparisons = result["summary"]["comparisons"]
+    assert sorted(comparisons) == sorted(controls)
+    for entry in comparisons.values():
+        assert entry["sort_accuracy"]["n"] == 1 and entry["sort_loss"]["verdict"]
+    assert "grown_share_rare_quarter" in runs["drlora"]["allocation"]
     assert (out_dir / "quality.md").read_text().startswith("DR-LoRA quality benchmark")
+    if result["pictures"]:
+        assert os.path.isfile(result["pictures"]["allocation"])
