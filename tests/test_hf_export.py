@@ -394,6 +394,10 @@ def test_verify_needs_the_converted_base(runs, tmp_path):
         _export(run, "peft", str(tmp_path / "b"), verify=True,
                 pretrained_checkpoint=str(tmp_path / "nobase"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(HFInteropError, match="--verify --peft-layout per-expert: .*transformers "
+                                             "4 only"):
+        _export(run, "peft", str(tmp_path / "c"), verify=True, peft_layout="per-expert",
+                pretrained_checkpoint=run["base"])
 
 
 @pytest.mark.slow

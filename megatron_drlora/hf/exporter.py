@@ -79,6 +79,15 @@ def export(load: str, hf_path: str, fmt: str, save: str,
         base_args_file(pretrained_checkpoint)
         if fmt == "peft":
             hf.require_weights()  # the adapter is checked on the HF base
+            if peft_layout == "per-expert":
+                import transformers
+
+                if int(transformers.__version__.split(".")[0]) >= 5:
+                    raise HFInteropError(
+                        f"--verify --peft-layout per-expert: the per-expert layout loads on "
+                        f"transformers 4 only (this is {transformers.__version__}, which fuses "
+                        f"experts); verify the fused layout, or export and check it where "
+                        f"transformers 4 is installed")
     hub_id = resolve_hub_id(hf.config_dict, hf_model_id, log)
     adapters = AdapterCheckpoint(load, "--load", iteration)
     adapters.check_against(desc)
