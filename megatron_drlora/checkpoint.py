@@ -167,7 +167,7 @@ def load_base_checkpoint(path: str, chunks) -> None:
     _assign({k: v for k, v in request.items() if k not in repadded}, loaded)
 
 
-_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
 def _vocab_repadding(request: Dict, meta: Dict) -> Dict:

@@ -66,7 +66,12 @@ class MoEModelArgs:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
-
+    # Features beyond Megatron-LM's flags (megatron_drlora.model_features).
+    moe_router_type: str = "topk"
+    moe_sparsemixer_jitter_eps: float = 0.01
+    add_attention_output_bias: bool = False
+    add_output_layer_bias: bool = False
+    window_size: Optional[tuple] = None  # Megatron's (left, right) sliding attention window
 
     @classmethod
     def from_megatron_args(cls, args, vocab_size: int) -> "MoEModelArgs":
@@ -97,7 +102,12 @@ class MoEModelArgs:
             expert_tensor_parallel_size=args.expert_tensor_parallel_size,
             sequence_parallel=args.sequence_parallel, bf16=args.bf16,
             init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
-            attention_dropout=args.attention_dropout)
+            attention_dropout=args.attention_dropout,
+            moe_router_type=getattr(args, "moe_router_type", "topk"),
+            moe_sparsemixer_jitter_eps=getattr(args, "moe_sparsemixer_jitter_eps", 0.01),
+            add_attention_output_bias=getattr(args, "add_attention_output_bias", False),
+            add_output_layer_bias=getattr(args, "add_output_layer_bias", False),
+            window_size=getattr(args, "window_size", None))
 
 
 def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
@@ -167,6 +177,7 @@ def transformer_config(args: MoEModelArgs):
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         moe_permute_fusion=False,
+        window_size=args.window_size,
     )
     config = TransformerConfig(**kwargs)
     cpu.adjust_model_config(config)
@@ -191,7 +202,9 @@ def layer_spec(config, args: MoEModelArgs, vp_stage: Optional[int] = None):
     elif args.qk_layernorm_scope not in ("head", "projection"):
         raise ValueError(f"qk_layernorm_scope must be 'head' or 'projection', "
                          f"got {args.qk_layernorm_scope!r}")
-    return spec
+    from megatron_drlora.model_features import adjust_spec
+
+    return adjust_spec(spec, args)
 
 
 def build_gpt_moe(args: MoEModelArgs, config=None) -> List[torch.nn.Module]:
@@ -220,6 +233,9 @@ def build_gpt_moe(args: MoEModelArgs, config=None) -> List[torch.nn.Module]:
             rotary_base=args.rotary_base,
             vp_stage=stage,
         )
+        from megatron_drlora.model_features import adjust_model
+
+        adjust_model(model, args)
         chunks.append(model)
     return chunks
 

@@ -15,12 +15,15 @@ import os
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# Phi-MoE is tested in tests/test_phimoe.py (LayerNorm, biases, sparsemixer, sliding window).
+ALL_FAMILIES = FAMILIES + ("phimoe",)
 VOCAB = 100
 SEQ = 16
 
 
 def hf_config(family: str, **overrides):
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
 
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
@@ -36,6 +39,10 @@ def hf_config(family: str, **overrides):
         cfg = dict(intermediate_size=48, moe_intermediate_size=24, num_experts=4, head_dim=12,
                    norm_topk_prob=True, tie_word_embeddings=True)
         cls = Qwen3MoeConfig
+    elif family == "phimoe":  # a wide sparsemixer window: the masked softmax keeps several experts
+        cfg = dict(intermediate_size=24, num_local_experts=4, attention_bias=True,
+                   lm_head_bias=True, router_jitter_noise=0.2, input_jitter_noise=0.01)
+        cls = PhimoeConfig
     else:
         cfg = dict(intermediate_size=24, num_experts=4, norm_topk_prob=False)
         cls = OlmoeConfig

@@ -330,6 +330,17 @@ def _patch_default_causal_mask() -> None:
     if hasattr(fused_softmax, "get_default_causal_mask"):
         fused_softmax.get_default_causal_mask = get_default_causal_mask
 
+    # The same for the sliding-window mask (--window-size, Phi-MoE's sliding_window).
+    @functools.lru_cache(maxsize=32)
+    def get_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+        return ~torch.tril(mu, diagonal=skv - sq + window_size[1])
+
+    utils.get_sliding_window_causal_mask = get_sliding_window_causal_mask
+    if hasattr(fused_softmax, "get_sliding_window_causal_mask"):
+        fused_softmax.get_sliding_window_causal_mask = get_sliding_window_causal_mask
+
 
 def _patch_checkpoint_results_queue() -> None:
     """dist_checkpointing's torch_dist writer (strategies/filesystem_async.py) collects write

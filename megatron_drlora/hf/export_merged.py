@@ -59,11 +59,7 @@ class HFBaseSource:
         self.hf, self.names = hf, names
 
     def global_tensors(self) -> Dict[str, torch.Tensor]:
-        n = self.names
-        out = {n.embed: self.hf.get(n.embed), n.final_norm: self.hf.get(n.final_norm)}
-        if not n.desc.tie_word_embeddings:
-            out[n.lm_head] = self.hf.get(n.lm_head)
-        return out
+        return {name: self.hf.get(name) for name in self.names.global_names()}
 
     def layer(self, layer: int) -> Dict[str, torch.Tensor]:
         return {name: self.hf.get(name) for name in self.names.layer_names(layer)}

@@ -180,11 +180,11 @@ def export_peft(adapters: AdapterCheckpoint, hf_path: str, desc: ModelDescriptio
         config = LoraConfig(r=first, lora_alpha=first, target_modules=target_regex,
                             rank_pattern=pattern, alpha_pattern=dict(pattern), **common)
     if adapters.router_trained:
-        block = "mlp" if layout == "fused" else names.block
-        config.modules_to_save = [f"{block}.gate"]
+        module = names.router_module  # mlp.gate; Phi-MoE: mlp.router (transformers 5)
+        config.modules_to_save = [module]
         for layer in range(desc.num_layers):
             router = adapters.router(layer)
-            tensors[f"{PREFIX}model.layers.{layer}.{block}.gate.weight"] = router.float()
+            tensors[f"{PREFIX}model.layers.{layer}.{module}.weight"] = router.float()
     save_file(dict(tensors), os.path.join(save, "adapter_model.safetensors"),
               metadata={"format": "pt"})
     config.save_pretrained(save)

@@ -4,7 +4,7 @@ refused, and their tensor names.
 `describe(config)` reads a transformers config into a `ModelDescription` (one place for every
 dimension and feature the conversion depends on) and refuses, naming the config key, anything the
 Megatron model built by `megatron_drlora.modeling` cannot reproduce exactly: sliding-window
-attention, RoPE scaling, partial rotary embeddings, dense layers between MoE layers, q/k/v
+attention (except Phi-MoE's, `megatron_drlora.hf.phimoe`), RoPE scaling, partial rotary embeddings, dense layers between MoE layers, q/k/v
 clipping, output-projection biases, activations other than SiLU.
 
 Router semantics. HF routers take a softmax over all experts, then the top-k. Mixtral always
@@ -27,9 +27,10 @@ from typing import Dict, List, Optional
 
 from megatron_drlora.hf.common import HFInteropError
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "phimoe": "PhimoeForCausalLM"}
 
 
 @dataclass
@@ -56,10 +57,24 @@ class ModelDescription:
     qk_norm: str = "none"              # none / head (Qwen3-MoE) / projection (OLMoE)
     shared_expert_ffn: Optional[int] = None
     shared_expert_gate: bool = False
+    # Phi-MoE (megatron_drlora.hf.phimoe): LayerNorm with bias, o_proj and lm_head biases,
+    # sparsemixer routing, sliding-window attention.
+    normalization: str = "RMSNorm"
+    attention_output_bias: bool = False
+    lm_head_bias: bool = False
+    router_type: str = "topk"
+    router_jitter_eps: float = 0.0
+    sliding_window: Optional[int] = None
 
     @property
     def router_pre_softmax(self) -> bool:
-        return not self.norm_topk_prob
+        return not self.norm_topk_prob and self.router_type == "topk"
+
+    @property
+    def window_size(self):
+        """Megatron's (left, right) window for HF's sliding_window W (W positions, self
+        included), None without one."""
+        return None if self.sliding_window is None else (self.sliding_window - 1, 0)
 
     def model_kwargs(self, padded_vocab: int) -> Dict:
         """MoEModelArgs fields (without the parallel layout)."""
@@ -76,7 +91,10 @@ class ModelDescription:
             kv_channels=None if self.head_dim == default_head else self.head_dim,
             moe_shared_expert_intermediate_size=self.shared_expert_ffn,
             moe_shared_expert_gate=self.shared_expert_gate,
-            swiglu=True, normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon,
+            moe_router_type=self.router_type, moe_sparsemixer_jitter_eps=self.router_jitter_eps,
+            add_attention_output_bias=self.attention_output_bias,
+            add_output_layer_bias=self.lm_head_bias, window_size=self.window_size,
+            swiglu=True, normalization=self.normalization, layernorm_epsilon=self.norm_epsilon,
             position_embedding_type="rope", rotary_base=self.rope_theta,
             vocab_size=padded_vocab, seq_length=self.max_position_embeddings,
             untie_embeddings_and_output_weights=not self.tie_word_embeddings)
@@ -99,16 +117,26 @@ class ModelDescription:
               f"--moe-router-topk {self.topk}", f"--moe-ffn-hidden-size {self.moe_ffn_hidden_size}"]
         if self.router_pre_softmax:
             f.append("--moe-router-pre-softmax")
+        if self.router_type != "topk":
+            f += [f"--moe-router-type {self.router_type}",
+                  f"--moe-sparsemixer-jitter-eps {self.router_jitter_eps!r}"]
         if self.shared_expert_ffn:
             f.append(f"--moe-shared-expert-intermediate-size {self.shared_expert_ffn}")
             if self.shared_expert_gate:
                 f.append("--moe-shared-expert-gate")
-        f += ["--swiglu", "--normalization RMSNorm", f"--norm-epsilon {self.norm_epsilon!r}",
+        f += ["--swiglu", f"--normalization {self.normalization}",
+              f"--norm-epsilon {self.norm_epsilon!r}",
               "--position-embedding-type rope", f"--rotary-base {self.rope_theta}",
               f"--max-position-embeddings {self.max_position_embeddings}",
               "--disable-bias-linear", f"--vocab-size {self.vocab_size}"]
         if not self.tie_word_embeddings:
             f.append("--untie-embeddings-and-output-weights")
+        if self.attention_output_bias:
+            f.append("--add-attention-output-bias")
+        if self.lm_head_bias:
+            f.append("--add-output-layer-bias")
+        if self.window_size is not None:
+            f.append(f"--window-size {self.window_size[0]},{self.window_size[1]}")
         return f
 
 
@@ -162,8 +190,9 @@ def describe(config, path: str = "") -> ModelDescription:
         experts, moe_ffn = int(get("num_local_experts")), int(get("intermediate_size"))
         dense_ffn = moe_ffn
         norm_topk = True
-    elif family == "olmoe":
-        experts, moe_ffn = int(get("num_experts")), int(get("intermediate_size"))
+    elif family in ("olmoe", "phimoe"):
+        experts = int(get("num_experts", None) or get("num_local_experts"))
+        moe_ffn = int(get("intermediate_size"))
         dense_ffn = moe_ffn
         norm_topk = bool(get("norm_topk_prob", False))
     else:
@@ -180,6 +209,15 @@ def describe(config, path: str = "") -> ModelDescription:
     theta = params.get("rope_theta", get("rope_theta", 10000.0))
     if float(theta) != int(float(theta)):
         refuse("rope_theta", theta, "--rotary-base takes an integer")
+    if family == "phimoe":
+        from megatron_drlora.hf.phimoe import describe_phimoe
+
+        return describe_phimoe(get, refuse, dict(
+            family=family, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
+            num_query_groups=groups, head_dim=head_dim, vocab_size=int(get("vocab_size")),
+            rope_theta=int(float(theta)),
+            max_position_embeddings=int(get("max_position_embeddings")),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False))))
     return ModelDescription(
         family=family, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
         num_query_groups=groups, head_dim=head_dim, vocab_size=int(get("vocab_size")),
@@ -210,6 +248,8 @@ def _check_rope(get, refuse) -> None:
 
 
 def _check_attention_window(family, get, refuse) -> None:
+    if family == "phimoe":
+        return  # sliding_window is supported (megatron_drlora.hf.phimoe)
     if family == "mixtral":
         if get("sliding_window") is not None:
             refuse("sliding_window", get("sliding_window"), "sliding-window attention")
@@ -231,14 +271,19 @@ class HFNames:
             raise ValueError(f"unknown HF naming style {style!r}")
         self.desc = desc
         self.style = style
-        mixtral = desc.family == "mixtral"
+        mixtral = desc.family in ("mixtral", "phimoe")  # Phi-MoE names experts like Mixtral
         self.block = "block_sparse_moe" if mixtral and style == "per_expert" else "mlp"
         self.proj = ({"gate": "w1", "up": "w3", "down": "w2"} if mixtral else
                      {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+        # transformers 5 renames Phi-MoE's router module to mlp.router in memory
+        fused_phi = desc.family == "phimoe" and style == "fused"
+        self.router_module = "mlp.router" if fused_phi else f"{self.block}.gate"
 
     embed = "model.embed_tokens.weight"
     lm_head = "lm_head.weight"
+    lm_head_bias = "lm_head.bias"
     final_norm = "model.norm.weight"
+    final_norm_bias = "model.norm.bias"
 
     @staticmethod
     def layer(layer: int, suffix: str) -> str:
@@ -248,7 +293,7 @@ class HFNames:
         return self.layer(layer, f"self_attn.{which}.{kind}")
 
     def router(self, layer: int) -> str:
-        return self.layer(layer, f"{self.block}.gate.weight")
+        return self.layer(layer, f"{self.router_module}.weight")
 
     def expert(self, layer: int, expert: int, proj: str) -> str:
         return self.layer(layer, f"{self.block}.experts.{expert}.{self.proj[proj]}.weight")
@@ -265,11 +310,15 @@ class HFNames:
     def layer_names(self, layer: int) -> List[str]:
         """Every HF tensor name of one decoder layer."""
         d = self.desc
-        names = [self.layer(layer, "input_layernorm.weight"),
-                 self.layer(layer, "post_attention_layernorm.weight")]
+        norms = ("input_layernorm", "post_attention_layernorm")
+        names = [self.layer(layer, f"{n}.weight") for n in norms]
+        if d.normalization == "LayerNorm":
+            names += [self.layer(layer, f"{n}.bias") for n in norms]
         names += [self.attn(layer, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         if d.qkv_bias:
             names += [self.attn(layer, p, "bias") for p in ("q_proj", "k_proj", "v_proj")]
+        if d.attention_output_bias:
+            names.append(self.attn(layer, "o_proj", "bias"))
         if d.qk_norm != "none":
             names += [self.attn(layer, "q_norm"), self.attn(layer, "k_norm")]
         names.append(self.router(layer))
@@ -284,10 +333,19 @@ class HFNames:
                 names.append(self.shared_gate(layer))
         return names
 
-    def all_names(self) -> List[str]:
+    def global_names(self) -> List[str]:
+        """The HF tensors outside the decoder layers."""
         names = [self.embed, self.final_norm]
+        if self.desc.normalization == "LayerNorm":
+            names.append(self.final_norm_bias)
         if not self.desc.tie_word_embeddings:
             names.append(self.lm_head)
+        if self.desc.lm_head_bias:
+            names.append(self.lm_head_bias)
+        return names
+
+    def all_names(self) -> List[str]:
+        names = self.global_names()
         for layer in range(self.desc.num_layers):
             names += self.layer_names(layer)
         return names

@@ -13,7 +13,8 @@ Layout facts this mapping encodes:
 - the shared expert's sigmoid gate is `mlp.shared_experts.gate_weight` [1, H];
 - the vocabulary is padded with zero rows (as pretrain_gpt.py pads it), dropped on export;
 - a layer norm fused into the next linear in Megatron's naming (`linear_qkv.layer_norm_weight`,
-  `linear_fc1.layer_norm_weight`) is HF's input / post-attention layer norm.
+  `linear_fc1.layer_norm_weight`) is HF's input / post-attention layer norm; LayerNorm biases
+  (Phi-MoE) likewise, and the output layer's bias is padded like its weight.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ LAYER_PREFIX = "decoder.layers."
 QKV = "self_attention.linear_qkv.weight"
 QKV_BIAS = "self_attention.linear_qkv.bias"
 ATTN_NORM = ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
+ATTN_NORM_BIAS = ("self_attention.linear_qkv.layer_norm_bias", "input_layernorm.bias")
 PROJ = "self_attention.linear_proj.weight"
+PROJ_BIAS = "self_attention.linear_proj.bias"
 Q_NORM = "self_attention.q_layernorm.weight"
 K_NORM = "self_attention.k_layernorm.weight"
 MLP_NORM = ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+MLP_NORM_BIAS = ("mlp.linear_fc1.layer_norm_bias", "pre_mlp_layernorm.bias")
 ROUTER = "mlp.router.weight"
 EXPERT_FC1 = "mlp.experts.experts.linear_fc1.weight"
 EXPERT_FC2 = "mlp.experts.experts.linear_fc2.weight"
@@ -41,7 +45,9 @@ SHARED_FC2 = "mlp.shared_experts.linear_fc2.weight"
 SHARED_GATE = "mlp.shared_experts.gate_weight"
 EMBED = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
+OUTPUT_BIAS = "output_layer.bias"
 FINAL_NORM = "decoder.final_layernorm.weight"
+FINAL_NORM_BIAS = "decoder.final_layernorm.bias"
 EXPERT_KEYS = (EXPERT_FC1, EXPERT_FC2)
 
 
@@ -117,6 +123,10 @@ def megatron_tensor(key: str, layer: Optional[int], expert: Optional[int],
                          padded_vocab)
     if key == FINAL_NORM:
         return get(names.final_norm)
+    if key == FINAL_NORM_BIAS:
+        return get(names.final_norm_bias)
+    if key == OUTPUT_BIAS:
+        return pad_vocab(get(names.lm_head_bias), padded_vocab)
     if not is_layer_key(key) or layer is None:
         raise HFInteropError(f"no Hugging Face source for Megatron tensor {key!r} "
                              f"(family {d.family})")
@@ -125,6 +135,12 @@ def megatron_tensor(key: str, layer: Optional[int], expert: Optional[int],
         return get(n.layer(L, "input_layernorm.weight"))
     if s in MLP_NORM:
         return get(n.layer(L, "post_attention_layernorm.weight"))
+    if s in ATTN_NORM_BIAS:
+        return get(n.layer(L, "input_layernorm.bias"))
+    if s in MLP_NORM_BIAS:
+        return get(n.layer(L, "post_attention_layernorm.bias"))
+    if s == PROJ_BIAS:
+        return get(n.attn(L, "o_proj", "bias"))
     if s == QKV:
         return fuse_qkv(*(get(n.attn(L, p)) for p in ("q_proj", "k_proj", "v_proj")), d)
     if s == QKV_BIAS:
@@ -164,11 +180,21 @@ def hf_tensors(key: str, tensor: torch.Tensor, layer: Optional[int], names: HFNa
         return {} if d.tie_word_embeddings else {names.lm_head: tensor[:d.vocab_size]}
     if key == FINAL_NORM:
         return {names.final_norm: tensor}
+    if key == FINAL_NORM_BIAS:
+        return {names.final_norm_bias: tensor}
+    if key == OUTPUT_BIAS:
+        return {names.lm_head_bias: tensor[:d.vocab_size]}
     s, n, L = layer_suffix(key), names, layer
     if s in ATTN_NORM:
         return {n.layer(L, "input_layernorm.weight"): tensor}
     if s in MLP_NORM:
         return {n.layer(L, "post_attention_layernorm.weight"): tensor}
+    if s in ATTN_NORM_BIAS:
+        return {n.layer(L, "input_layernorm.bias"): tensor}
+    if s in MLP_NORM_BIAS:
+        return {n.layer(L, "post_attention_layernorm.bias"): tensor}
+    if s == PROJ_BIAS:
+        return {n.attn(L, "o_proj", "bias"): tensor}
     if s in (QKV, QKV_BIAS):
         kind = "weight" if s == QKV else "bias"
         return {n.attn(L, p, kind): t for p, t in zip(("q_proj", "k_proj", "v_proj"),

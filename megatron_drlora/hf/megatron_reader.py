@@ -200,9 +200,12 @@ def check_base_against(base: DistCheckpoint, desc, padded_vocab: Optional[int] =
                              f"need 2 x {desc.moe_ffn_hidden_size}")
     features = {"q/k norms (qk_layernorm)": (m.Q_NORM, desc.qk_norm != "none"),
                 "qkv biases": (m.QKV_BIAS, desc.qkv_bias),
-                "a shared expert": (m.SHARED_FC1, bool(desc.shared_expert_ffn))}
-    for what, (suffix, wanted) in features.items():
-        if base.has("decoder.layers." + suffix) != wanted:
+                "a shared expert": (m.SHARED_FC1, bool(desc.shared_expert_ffn)),
+                "an attention output bias": (m.PROJ_BIAS, desc.attention_output_bias),
+                "LayerNorm biases": (m.ATTN_NORM_BIAS, desc.normalization == "LayerNorm")}
+    for what, (suffixes, wanted) in features.items():
+        suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
+        if any(base.has("decoder.layers." + s) for s in suffixes) != wanted:
             raise HFInteropError(f"{where}: the base {'lacks' if wanted else 'has'} {what}, the "
                                  f"HF model ({desc.family}) {'has' if wanted else 'does not'}: "
                                  f"they do not match")
@@ -210,6 +213,10 @@ def check_base_against(base: DistCheckpoint, desc, padded_vocab: Optional[int] =
         raise HFInteropError(f"{where}: output layer {'untied' if base.has(m.OUTPUT) else 'tied'}"
                              f" in the base, tie_word_embeddings={desc.tie_word_embeddings} in "
                              f"the HF model")
+    if base.has(m.OUTPUT_BIAS) != desc.lm_head_bias:
+        where_bias = "in" if base.has(m.OUTPUT_BIAS) else "not in"
+        raise HFInteropError(f"{where}: output layer bias {where_bias} the base, "
+                             f"lm_head_bias={desc.lm_head_bias} in the HF model")
     vocab = base.shape(m.EMBED)[0]
     if vocab < desc.vocab_size:
         raise HFInteropError(f"{where}: vocabulary {vocab} < the HF model's {desc.vocab_size}")

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--init-from-identity", action="store_true",
                        help="Initialise the base from (--seed, tensor name) so every parallel "
                             "layout starts identical (demo and test bases).")
+    from megatron_drlora.model_features import add_arguments as add_model_feature_arguments
+
+    add_model_feature_arguments(parser)
     return parser
 
 

@@ -42,7 +42,9 @@ def layer_spec(args, config, vp_stage):
         from megatron_drlora.projection_qk_norm import use_projection_qk_norm
 
         spec = use_projection_qk_norm(spec)
-    return spec
+    from megatron_drlora.model_features import adjust_spec
+
+    return adjust_spec(spec, args)  # --moe-router-type, --add-attention-output-bias
 
 
 def build_gpt_model(args, pre_process: bool, post_process: bool, vp_stage=None,
@@ -71,7 +73,11 @@ def build_gpt_model(args, pre_process: bool, post_process: bool, vp_stage=None,
     )
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
-    return GPTModel(**kwargs)
+    from megatron_drlora.model_features import adjust_model
+
+    model = GPTModel(**kwargs)
+    adjust_model(model, args)  # --add-output-layer-bias
+    return model
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None,

@@ -1,0 +1,97 @@
+"""Architecture features of HF MoE families that Megatron-LM's flags cannot express, as flags of
+ours, applied to Megatron-Core's own GPT layer spec and model (the same code for the training
+entry, the converter and the exporter's check, so all three build the same model).
+
+- `--moe-router-type sparsemixer` + `--moe-sparsemixer-jitter-eps` (Phi-MoE's router,
+  `megatron_drlora.routers.sparsemixer`): installed as the MoE layers' router class.
+- `--add-attention-output-bias`: a bias on the attention output projection only. Megatron's
+  `--add-bias-linear` would also give every expert fc1/fc2 a bias, which the HF model does not
+  have (and Megatron's expert bias path is not supported by DR-LoRA's expert hooks).
+- `--add-output-layer-bias`: a bias on the output layer (HF `lm_head.bias`); GPTModel builds
+  its output layer without one. Vocabulary-parallel like the output weight, zero on padding rows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from megatron_drlora.routers import ROUTER_TYPES, router_builder
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("model features (HF families)")
+    group.add_argument("--moe-router-type", default="topk", choices=list(ROUTER_TYPES),
+                       help="topk: Megatron's TopKRouter; sparsemixer: SparseMixer top-2 "
+                            "(Phi-3.5-MoE / Phi-mini-MoE).")
+    group.add_argument("--moe-sparsemixer-jitter-eps", type=float, default=0.01,
+                       help="SparseMixer's relative logit window (HF router_jitter_noise).")
+    group.add_argument("--add-attention-output-bias", action="store_true",
+                       help="Bias on the attention output projection only (HF o_proj.bias).")
+    group.add_argument("--add-output-layer-bias", action="store_true",
+                       help="Bias on the output layer (HF lm_head.bias).")
+
+
+def _get(args, name, default):
+    return getattr(args, name, default)
+
+
+def adjust_spec(block_spec, args):
+    """A copy of a GPT decoder block spec with the router and attention-output bias the flags
+    ask for (the spec itself when none applies)."""
+    router = router_builder(_get(args, "moe_router_type", "topk"),
+                            _get(args, "moe_sparsemixer_jitter_eps", 0.01))
+    proj_bias = _get(args, "add_attention_output_bias", False)
+    if router is None and not proj_bias:
+        return block_spec
+    block_spec = copy.deepcopy(block_spec)
+    for layer_spec in getattr(block_spec, "layer_specs", None) or [block_spec]:
+        sub = _submodules(layer_spec)
+        if proj_bias:
+            attn = _submodules(sub.self_attention)
+            attn.linear_proj = _with_bias(attn.linear_proj)
+        mlp_sub = _submodules(sub.mlp)
+        if router is not None and hasattr(mlp_sub, "router"):
+            mlp_sub.router = router
+    return block_spec
+
+
+def _submodules(spec):
+    """The submodules of a ModuleSpec or of a functools.partial(cls, submodules=...) (the
+    form megatron-core 0.19 uses for MoE layers)."""
+    if hasattr(spec, "submodules"):
+        return spec.submodules
+    return getattr(spec, "keywords", {}).get("submodules")
+
+
+def _with_bias(cls):
+    """`cls` (a Megatron linear) always built with a bias, whatever add_bias_linear says."""
+    if getattr(cls, "_drlora_forced_bias", False):
+        return cls
+
+    def __init__(self, *args, bias=False, **kwargs):
+        cls.__init__(self, *args, bias=True, **kwargs)
+
+    return type(f"Biased{cls.__name__}", (cls,), {"__init__": __init__,
+                                                   "_drlora_forced_bias": True})
+
+
+def adjust_model(model, args) -> None:
+    """Add the output-layer bias when `--add-output-layer-bias` (in place)."""
+    if not _get(args, "add_output_layer_bias", False):
+        return
+    layer = getattr(model, "output_layer", None)
+    if layer is None:  # not the last pipeline stage
+        return
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    if layer.bias is not None:
+        return
+    ref = next(model.parameters())
+    dtype = model.config.params_dtype
+    bias = torch.nn.Parameter(torch.zeros(layer.output_size_per_partition, dtype=dtype,
+                                          device=ref.device))
+    set_tensor_model_parallel_attributes(bias, True, 0, 1)
+    bias.allreduce = True
+    layer.bias = bias
