@@ -208,14 +208,18 @@ def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path
     from megatron_drlora.checkpoint import drlora_state
     from megatron_drlora.hf import verify
 
-    hf_dir = make_hf_model("olmoe", str(tmp_path / "hf"), seed=3)
+    from tests.hf_tiny import make_tokenizer
+
+    hf_dir = make_hf_model("olmoe", str(tmp_path / "hf"), seed=3,
+                           name_or_path="allenai/OLMoE-1B-7B-0924")
+    make_tokenizer(hf_dir)  # model.args names it: the run tokenizes with HuggingFaceTokenizer
     base, run = tmp_path / "base", tmp_path / "run"
     _cli(_torchrun(REPO / "tools" / "convert_hf_to_megatron.py",
                    ["--hf-path", hf_dir, "--save", base, "--expert-model-parallel-size", "2"]))
     log = _cli(_torchrun(REPO / "examples" / "pretrain_gpt.py", [
         f"@{REPO / 'examples' / 'cpu.args'}", f"@{base}/model.args",
         "--pretrained-checkpoint", base, "--expert-model-parallel-size", "2",
-        "--moe-token-dispatcher-type", "alltoall", "--tokenizer-type", "NullTokenizer",
+        "--moe-token-dispatcher-type", "alltoall",
         "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "8",
         "--train-iters", "8", "--mock-data", "--lr", "2e-2", "--lr-warmup-iters", "2",
         "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0",
@@ -230,9 +234,19 @@ def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path
     assert len(set(rank_map.flatten().tolist())) > 1  # heterogeneous ranks
     export = [sys.executable, REPO / "tools" / "export_to_hf.py", "--load", run,
               "--hf-path", hf_dir]
-    _cli(export + ["--pretrained-checkpoint", base, "--format", "merged", "--save",
-                   tmp_path / "merged"])
-    _cli(export + ["--format", "peft", "--save", tmp_path / "peft"])
+    assert "--tokenizer-type HuggingFaceTokenizer" in open(base / "model.args").read()
+    assert "padded vocab (size: 90)" in log  # Megatron-LM sized it from the HF tokenizer
+    out = _cli(export + ["--pretrained-checkpoint", base, "--format", "merged", "--save",
+                         tmp_path / "merged", "--verify"])
+    assert "> verified:" in out
+    out = _cli(export + ["--pretrained-checkpoint", base, "--format", "peft", "--save",
+                         tmp_path / "peft", "--verify"])
+    assert "> verified:" in out
+    assert json.load(open(tmp_path / "peft" / "adapter_config.json"))[
+        "base_model_name_or_path"] == "allenai/OLMoE-1B-7B-0924"
+    assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
+    assert "base_model: allenai/OLMoE-1B-7B-0924" in open(tmp_path / "merged" /
+                                                          "README.md").read()
 
     margs = verify.model_args_from_file(str(base / "model.args"), SEQ)  # EP1 here
     chunks, handle = verify.build_megatron(margs, str(base), str(run))
