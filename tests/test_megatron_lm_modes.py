@@ -88,3 +88,38 @@ def test_kill_during_a_multi_process_save_resumes_from_the_previous_checkpoint(w
     assert a["tensors"].keys() == b["tensors"].keys()
     for key in a["tensors"]:
         assert torch.equal(a["tensors"][key], b["tensors"][key]), key
+
+
+# DeepSeek-V3-style MoE in Megatron-Core's terms (multi-latent attention aside): a dense first
+# layer, a shared expert, sigmoid scores with an aux-loss-free expert bias, group-limited top-k
+# and a routed scaling factor.
+DEEPSEEK_STYLE = ["--num-layers", "3", "--moe-layer-freq", "[0,1,1]", "--ffn-hidden-size", "64",
+                  "--moe-ffn-hidden-size", "16", "--moe-shared-expert-intermediate-size", "32",
+                  "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                  "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+                  "--moe-router-topk-scaling-factor", "2.5",
+                  "--moe-router-load-balancing-type", "none", "--moe-router-dtype", "fp32"]
+
+
+def test_deepseek_style_moe_adapts_routed_experts_and_keeps_the_expert_bias(work):
+    """Adapters on the routed experts of the MoE layers only (not the dense first layer, not
+    the shared expert); with the router frozen by DR-LoRA, Megatron-LM still updates the
+    expert bias, and the checkpoint carries it, so a stopped and resumed EP2 run ends where
+    one process ends."""
+    base = work / "deepseek_style_base"
+    if not base.exists():
+        torchrun(1, TINY + DEEPSEEK_STYLE + ["--train-iters", "2", "--init-from-identity",
+                                             "--save", str(base), "--save-interval", "2"])
+    extra = DEEPSEEK_STYLE + ["--drlora-router", "frozen"]
+    ref = drlora_run(work, base, "deepseek_style_ref", 1, extra)
+    run = drlora_run(work, base, "deepseek_style_ep2", 2, extra + LAYOUTS["ep2"], stop_at=3)
+    assert [e["iteration"] for e in events(run)] == EVENTS
+    assert all(e["layers"] == [1, 2] for e in events(run))
+    assert_same_run(ref, run, work)
+    tensors = read_checkpoint(run / "iter_0000008", work)["tensors"]
+    model_keys = {k for k in tensors if not k.startswith("optimizer.")}
+    biases = {f"decoder.layers.{l}.mlp.router.expert_bias" for l in (1, 2)}
+    assert model_keys == {f"drlora.layers.{l}.{p}_{w}" for l in (1, 2) for p in ("up", "down")
+                          for w in "AB"} | biases
+    for key in biases:  # moved by Megatron's aux-loss-free update from the base's zeros
+        assert tensors[key].abs().max() > 0, key

@@ -40,6 +40,51 @@ def use_prebuilt_dataset_helpers() -> None:
     utils.compile_helpers = lambda: None
 
 
+def save_with_an_empty_optimizer_group() -> None:
+    """A DR-LoRA run can leave one of Megatron's optimizer groups without a trainable
+    parameter (the dense group when the router is frozen: only expert adapters train). Megatron
+    then chains a stub FP32Optimizer (`optimizer=None`) that trains nothing, but 0.19 asks it
+    for its state on every save and load (`None.state_dict()`) and reads its `param_groups`
+    when ChainedOptimizer aligns the step counters. A stub's state is empty; the stub stays in
+    the chain, so the chain's collectives and the checkpoint's structure are unchanged."""
+    try:
+        from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer
+    except ImportError:
+        return
+    if getattr(FP32Optimizer, "_drlora_stub_state", False):
+        return
+
+    def stub_aware(method, stub_result):
+        def wrapped(self, *args, **kwargs):
+            if getattr(self, "optimizer", None) is None:
+                return stub_result()
+            return method(self, *args, **kwargs)
+        return wrapped
+
+    empty = lambda: {"state": {}, "param_groups": []}  # noqa: E731
+    FP32Optimizer.state_dict = stub_aware(FP32Optimizer.state_dict, empty)
+    FP32Optimizer.sharded_state_dict = stub_aware(FP32Optimizer.sharded_state_dict, empty)
+    FP32Optimizer.load_state_dict = stub_aware(FP32Optimizer.load_state_dict, lambda: None)
+    FP32Optimizer._drlora_stub_state = True
+
+    original = getattr(ChainedOptimizer, "_synchronize_steps", None)
+    if original is None:
+        return
+
+    def synchronize_steps(self):
+        chained = self.chained_optimizers
+        real = [o for o in chained if getattr(o, "optimizer", None) is not None]
+        if len(real) == len(chained):
+            return original(self)
+        self.chained_optimizers = real
+        try:
+            return original(self)
+        finally:
+            self.chained_optimizers = chained
+
+    ChainedOptimizer._synchronize_steps = synchronize_steps
+
+
 def have_transformer_engine() -> bool:
     """True when a real Transformer Engine is importable (never installed by this package)."""
     try:

@@ -5,7 +5,8 @@ For a DR-LoRA run both are replaced on the chunk instance (the class and the bas
 stay untouched), so `--save/--load/--async-save/--finetune` handle exactly what trains:
 - the adapter factors of the chunk's MoE layers, keyed by global (layer, expert, projection),
   so a checkpoint loads under another TP/EP/PP layout;
-- the router, unless DR-LoRA keeps it frozen for the whole run;
+- the router, unless DR-LoRA keeps it frozen for the whole run; an aux-loss-free router's
+  expert bias always (Megatron-LM updates it every step whatever trains);
 - the DR-LoRA state (rank map, saliency EMAs, the settings that shape the schedule), held by
   the first chunk as a plain value, i.e. in dist_checkpointing's common state (identical on
   every rank by construction).
@@ -25,6 +26,10 @@ def _router_key(key: str) -> bool:
     return ".mlp.router." in key
 
 
+def _expert_bias_key(key: str) -> bool:
+    return key.endswith(".mlp.router.expert_bias")
+
+
 def _chunk_layers(chunk, handle) -> List:
     modules = {id(m) for m in chunk.modules()}
     return [layer for layer in handle.layers if id(layer.moe_layer) in modules]
@@ -35,13 +40,18 @@ def install(chunk, run, holds_state: bool) -> None:
     full_sharded_state_dict = chunk.sharded_state_dict
     layers = _chunk_layers(chunk, run.handle)
     train_router = run.config.router != "frozen"
+    expert_bias = bool(getattr(getattr(chunk, "config", None), "moe_router_enable_expert_bias",
+                               False))
+
+    def saved_router_key(key: str) -> bool:
+        return _router_key(key) and (train_router or _expert_bias_key(key))
 
     def sharded_state_dict(prefix: str = "", sharded_offsets=(), metadata=None) -> Dict:
         out = {}
-        if train_router:
+        if train_router or expert_bias:
             full = full_sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets,
                                            metadata=metadata)
-            out.update({k: v for k, v in full.items() if _router_key(k)})
+            out.update({k: v for k, v in full.items() if saved_router_key(k)})
         out.update(adapter_sharded_state_dict(run.handle, layers))
         if holds_state:
             out[STATE_KEY] = run.checkpoint_state()
@@ -67,7 +77,8 @@ def install(chunk, run, holds_state: bool) -> None:
                 if value.data_ptr() != param.data_ptr():
                     param.copy_(value)
         router = {k: state_dict.pop(k) for k in list(state_dict) if _router_key(k)}
-        if train_router:
+        router = {k: v for k, v in router.items() if saved_router_key(k)}
+        if router:
             result = torch.nn.Module.load_state_dict(chunk, router, strict=False)
             if result.unexpected_keys:
                 raise RuntimeError(f"router tensors that fit no router of this model: "

@@ -21,12 +21,14 @@ def parse_args():
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_drlora.compat import cpu
-    from megatron_drlora.compat.megatron import use_prebuilt_dataset_helpers
+    from megatron_drlora.compat.megatron import (save_with_an_empty_optimizer_group,
+                                                 use_prebuilt_dataset_helpers)
     from megatron_drlora.megatron_lm.arguments import add_arguments, validate_or_exit
     from megatron_drlora.megatron_lm.run import start_run
 
     cpu.enable_training_loop_cpu_support()
     use_prebuilt_dataset_helpers()
+    save_with_an_empty_optimizer_group()
     # Megatron-LM 0.19's train loop divides by --eval-interval even when it is not given;
     # 1000 was its documented default before.
     args = parse_and_validate_args(extra_args_provider=add_arguments,
