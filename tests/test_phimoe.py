@@ -252,3 +252,158 @@ def test_peft_export_matches_megatron(phi_run):
     diff = verify.max_abs_diff(verify.hf_logits(phi_run["hf"], tokens(), adapter=save),
                                phi_run["logits"])
     assert diff < TOL, f"peft: {diff}"
+
+
+# --- the recipe and the converter --------------------------------------------------------------
+RECIPE_FEATURE_FLAGS = {"--moe-router-type", "--moe-sparsemixer-jitter-eps", "--window-size",
+                        "--add-attention-output-bias", "--add-output-layer-bias"}
+
+
+def _recipe():
+    from tests.dist_harness import REPO
+
+    return REPO / "examples" / "recipes" / "phi_mini_moe_drlora.args"
+
+
+def _phi_mini_moe():
+    """microsoft/Phi-mini-MoE-instruct's config.json as far as the converter reads it: the
+    paper's shape (32 layers, hidden 4096, 16 experts of 960, top-2) and, for what the paper
+    does not state, the Phi-3.5-MoE values it was compressed from (32 heads, 8 KV heads,
+    vocabulary 32064, biases, LayerNorm eps 1e-5, router_jitter_noise 0.01), a 4k context
+    without RoPE scaling."""
+    from transformers import PhimoeConfig
+
+    return PhimoeConfig(vocab_size=32064, hidden_size=4096, intermediate_size=960,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                        num_local_experts=16, num_experts_per_tok=2, attention_bias=True,
+                        lm_head_bias=True, router_jitter_noise=0.01, input_jitter_noise=0.01,
+                        sliding_window=None, tie_word_embeddings=False)
+
+
+def test_recipe_flags_are_the_converters():
+    """Every model flag the converter writes for Phi-mini-MoE is in the recipe with the same
+    value, and the recipe sets no architecture flag the converter does not."""
+    from megatron_drlora.hf.families import describe
+    from tests.test_hf_import import ARCHITECTURE_FLAGS, _flags
+
+    converter = _flags(describe(_phi_mini_moe()).flags())
+    recipe = _flags(open(_recipe()).read().splitlines())
+
+    def same(a, b):
+        if a is None or len(a) != len(b):
+            return False
+        try:
+            return [float(x) for x in a] == [float(x) for x in b]
+        except ValueError:
+            return a == b
+
+    for flag, value in converter.items():
+        assert same(recipe.get(flag), value), f"recipe {flag} {recipe.get(flag)} != {value}"
+    arch = ARCHITECTURE_FLAGS | RECIPE_FEATURE_FLAGS
+    extra = sorted(f for f in recipe if f in arch and f not in converter)
+    assert not extra, f"the recipe sets {extra}, which the converter does not write"
+    # the paper's Table 6 (Phi column)
+    for flag, value in {"--drlora-budget": ["16"], "--drlora-rank-init": ["8"],
+                        "--drlora-rank-max": ["32"], "--drlora-grow-interval": ["200"],
+                        "--drlora-grow-buffer": ["200"], "--drlora-p-grow": ["0.1"],
+                        "--drlora-beta": ["0.9"], "--drlora-gamma": ["1.2"],
+                        "--train-iters": ["19000"], "--global-batch-size": ["32"],
+                        "--micro-batch-size": ["1"], "--seq-length": ["4096"],
+                        "--lr": ["2e-5"], "--lr-decay-style": ["linear"],
+                        "--lr-warmup-fraction": ["0.03"], "--weight-decay": ["0.0"]}.items():
+        assert same(recipe.get(flag), value), (flag, recipe.get(flag))
+
+
+# Flags the tiny runs replace: sizes (from the tiny model's model.args), the layout, the run's
+# length and batch, data, and what CPU cannot run (grouped GEMM needs Transformer Engine; fp32).
+def _tiny_recipe_argv(base, replace):
+    import shlex
+
+    from tests.test_hf_import import LAYOUT_FLAGS, SIZE_FLAGS, _flags
+
+    tiny = _flags(open(os.path.join(base, "model.args")).read().splitlines())
+    argv = []
+    for line in open(_recipe()).read().splitlines():
+        argv += shlex.split(line.split("#", 1)[0])
+    recipe = _flags([shlex.join(argv)])
+    drop = set(SIZE_FLAGS) | set(LAYOUT_FLAGS) | set(replace) | {
+        "--moe-grouped-gemm", "--bf16", "--lr-warmup-fraction"}
+    keep = {f: v for f, v in recipe.items() if f not in drop}
+    sizes = {f: v for f, v in tiny.items() if f in SIZE_FLAGS}
+    out = []
+    for flag, values in {**keep, **sizes, **replace}.items():
+        out += [flag] + (values if isinstance(values, list) else [values])
+    return out
+
+
+def _recipe_shaped_model(path):
+    """A tiny random Phi-MoE with the recipe's architecture (biases, untied embeddings, norm
+    eps, RoPE base, sparsemixer window): only its sizes differ from Phi-mini-MoE."""
+    return make_hf_model("phimoe", path, router_jitter_noise=0.01, rms_norm_eps=1e-5,
+                         rope_theta=10000.0)
+
+
+def test_recipe_loads_a_converted_base(megatron_single, tmp_path):
+    """The recipe's model flags with only the sizes and layout replaced by a tiny random
+    Phi-MoE's build a model that loads its converted base and gives transformers' logits."""
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.importer import convert
+    from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+    from megatron_drlora.modeling import MoEModelArgs, padded_vocab_size
+    from tests.test_hf_import import LAYOUT_FLAGS
+
+    hf_dir = _recipe_shaped_model(str(tmp_path / "hf"))
+    base = str(tmp_path / "base")
+    convert(hf_dir, base, log=lambda s: None)
+    args = parse_megatron_args(_tiny_recipe_argv(base, dict(LAYOUT_FLAGS,
+                                                            **{"--seq-length": str(SEQ)})))
+    assert args.moe_router_type == "sparsemixer" and args.normalization == "LayerNorm"
+    margs = MoEModelArgs.from_megatron_args(
+        args, padded_vocab_size(args.vocab_size, 1, args.make_vocab_size_divisible_by))
+    chunks, _ = verify.build_megatron(margs, base)
+    diff = verify.max_abs_diff(verify.megatron_logits(chunks, tokens(), VOCAB),
+                               verify.hf_logits(hf_dir, tokens()))
+    assert diff < TOL, diff
+
+
+@pytest.mark.slow
+def test_recipe_trains_with_growth_and_exports(tmp_path):
+    """End to end on a tiny random Phi-MoE with a Hugging Face tokenizer: convert, run the
+    recipe through examples/pretrain_gpt.py (2 processes, EP2; sizes, length, batch and data
+    replaced) with growth events and the router trained after warm-up, then export merged and
+    PEFT with --verify (transformers + peft against the Megatron model with the adapters)."""
+    import sys
+
+    from megatron_drlora.hf.importer import convert
+    from tests.dist_harness import REPO
+    from tests.hf_tiny import make_tokenizer
+    from tests.test_hf_export import _cli
+    from tests.megatron_runs import events, torchrun
+
+    hf_dir = _recipe_shaped_model(str(tmp_path / "hf"))
+    make_tokenizer(hf_dir)
+    base, ckpt = str(tmp_path / "base"), str(tmp_path / "ckpt")
+    convert(hf_dir, base, log=lambda s: None)
+    replace = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
+               "--expert-model-parallel-size": "2", "--expert-tensor-parallel-size": "1",
+               "--seq-length": str(SEQ), "--micro-batch-size": "2", "--global-batch-size": "8",
+               "--train-iters": "8", "--lr-warmup-iters": "2", "--drlora-grow-interval": "2",
+               "--drlora-grow-buffer": "1", "--data-path": [], "--split": [],
+               "--mock-data": [], "--tokenizer-model": hf_dir, "--eval-iters": "0",
+               "--log-interval": "1", "--save-interval": "4", "--lr": "1e-3",
+               "--pretrained-checkpoint": base, "--save": ckpt, "--load": ckpt}
+    argv = ["@" + str(REPO / "examples" / "cpu.args")] + [
+        a for a in _tiny_recipe_argv(base, replace) if a not in ("--data-path", "--split")]
+    torchrun(2, argv, timeout=900)
+    grown = events(tmp_path / "ckpt")
+    assert [e["iteration"] for e in grown] == [2, 4, 6]
+    ranks = torch.tensor(grown[-1]["rank_map"])
+    assert ranks.min() >= 8 and ranks.max() > 8  # r_init 8, grown
+
+    for fmt in ("merged", "peft"):
+        out = _cli([sys.executable, REPO / "tools" / "export_to_hf.py", "--load", ckpt,
+                    "--pretrained-checkpoint", base, "--hf-path", hf_dir, "--format", fmt,
+                    "--save", tmp_path / fmt, "--verify"], timeout=600)
+        assert "> verified" in out, out[-2000:]
+        print(fmt, [line for line in out.splitlines() if "> verified" in line])
