@@ -58,8 +58,9 @@ def _megatron_router(hidden: int, experts: int, eps: float):
                         moe_router_topk=2)
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    return router_builder("sparsemixer", eps)(
-        config=transformer_config(args), pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    return router_builder("sparsemixer", eps)(config=transformer_config(args),
+                                              pg_collection=groups)
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -9,7 +9,7 @@ Writes OUT/iter_0000000/ (+ tracker), OUT/model.args (the model flags, and the H
 when DIR has one, for `examples/pretrain_gpt.py @OUT/model.args --pretrained-checkpoint OUT
 ...`) and OUT/hf_source.json. Weights keep the checkpoint's dtype unless --dtype fp32|bf16|fp16;
 peak memory is the rank's share of the base plus less than a layer (logged at the end).
-Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (megatron_drlora/hf/, docs/hf_interop.md).
+Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Phi-MoE (megatron_drlora/hf/, docs/hf_interop.md).
 """
 
 import os

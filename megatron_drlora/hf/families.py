@@ -4,8 +4,9 @@ refused, and their tensor names.
 `describe(config)` reads a transformers config into a `ModelDescription` (one place for every
 dimension and feature the conversion depends on) and refuses, naming the config key, anything the
 Megatron model built by `megatron_drlora.modeling` cannot reproduce exactly: sliding-window
-attention (except Phi-MoE's, `megatron_drlora.hf.phimoe`), RoPE scaling, partial rotary embeddings, dense layers between MoE layers, q/k/v
-clipping, output-projection biases, activations other than SiLU.
+attention and output-projection biases (except Phi-MoE's, `megatron_drlora.hf.phimoe`), RoPE
+scaling, partial rotary embeddings, dense layers between MoE layers, q/k/v clipping, activations
+other than SiLU.
 
 Router semantics. HF routers take a softmax over all experts, then the top-k. Mixtral always
 renormalises the top-k probabilities (and Qwen3-MoE by default, `norm_topk_prob`): the same as

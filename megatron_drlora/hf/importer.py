@@ -373,8 +373,9 @@ def _init_parallel(tp: int, ep: int, pp: int, etp: Optional[int]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Convert a local Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, "
-                    "OLMoE; safetensors + config.json) into a Megatron-Core base checkpoint for "
-                    "examples/pretrain_gpt.py --pretrained-checkpoint, plus its model flags "
+                    "OLMoE, Phi-MoE; safetensors + config.json) into a Megatron-Core base "
+                    "checkpoint for examples/pretrain_gpt.py --pretrained-checkpoint, plus its "
+                    "model flags "
                     "(SAVE/model.args). Run with torchrun for a multi-process layout.")
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json, "
                                                     "*.safetensors).")
