@@ -167,6 +167,47 @@ def test_import_matches_transformers(megatron_single, phi_models, tmp_path, vari
         assert verify.max_abs_diff(hf, verify.hf_logits(phi_models["biases"], t)) > 0.1
 
 
+def test_output_layer_bias_follows_the_vocabulary_padding(megatron_single, phi_models,
+                                                         tmp_path):
+    """A base padded to 104 rows loaded into a 128-row model (Megatron-LM pads its own way):
+    lm_head.bias moves with the output rows, so transformers' logits are kept."""
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.importer import convert
+
+    hf_dir = phi_models["biases"]
+    convert(hf_dir, str(tmp_path / "base"), make_vocab_size_divisible_by=8, log=lambda s: None)
+    margs = verify.model_args_from_file(str(tmp_path / "base" / "model.args"), SEQ,
+                                        extra=["--make-vocab-size-divisible-by", "128"])
+    assert margs.vocab_size == 128
+    chunks, _ = verify.build_megatron(margs, str(tmp_path / "base"))
+    bias = chunks[0].output_layer.bias
+    assert bias.shape == (128,) and bias[VOCAB:].abs().max() == 0 and bias.abs().max() > 0.01
+    t = tokens()
+    diff = verify.max_abs_diff(verify.megatron_logits(chunks, t, VOCAB),
+                               verify.hf_logits(hf_dir, t))
+    assert diff < TOL, diff
+
+
+@pytest.mark.slow
+def test_multiprocess_layouts(megatron_single, phi_models, tmp_path):
+    """EP2 and TP2 (sequence parallel: each rank routes its own tokens; the output bias split
+    over the vocabulary) in 2 gloo processes give transformers' logits."""
+    import json
+
+    from tests.dist_harness import run_torchrun
+
+    out = tmp_path / "diffs.json"
+    root = os.path.dirname(phi_models["biases"])
+    run_torchrun("hf_convert_worker.py", 2, [root, tmp_path / "save", out, "--layouts",
+                                             "ep2:biases,window", "tp2:biases,window"],
+                 timeout=300)
+    diffs = json.load(open(out))
+    assert len(diffs) == 4
+    print(diffs)
+    for name, diff in diffs.items():
+        assert diff < TOL, f"{name}: max |logits diff| {diff}"
+
+
 def test_megatron_routing_is_not_topk_softmax(megatron_single, phi_models, tmp_path):
     """The same base built with Megatron's default router gives other logits: the sparsemixer
     is what makes the parity."""
