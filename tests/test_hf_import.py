@@ -344,7 +344,7 @@ def test_peak_memory_is_the_base_plus_less_than_a_layer(tmp_path):
 
 
 # --- the OLMoE recipe and the converter ----------------------------------------------------
-RECIPE = REPO / "examples" / "slurm" / "olmoe_drlora.args"
+RECIPE = REPO / "examples" / "recipes" / "olmoe_1b_7b_drlora.args"
 SIZE_FLAGS = {"--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size",
               "--moe-ffn-hidden-size", "--num-experts", "--moe-router-topk",
               "--max-position-embeddings", "--seq-length", "--vocab-size", "--num-query-groups",

