@@ -43,3 +43,12 @@ def base(work):
     from tests.megatron_runs import make_base
 
     return make_base(work / "base")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh) every test that uses the
+    session's Megatron-LM runs (`work`, `base`) goes to one worker, so the base and the
+    DR-LoRA runs shared through tests/megatron_runs.py are made once, not once per worker."""
+    for item in items:
+        if {"work", "base"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("megatron_runs"))
