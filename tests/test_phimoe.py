@@ -260,11 +260,11 @@ def phi_run(megatron_single, phi_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("phi_export")
     base, adapters = str(root / "base"), str(root / "adapters")
     convert(phi_models["biases"], base, log=lambda s: None)
-    base_logits, _ = _adapted_checkpoint("phimoe", base, adapters, ("up", "down"))
+    base_logits, rank_map = _adapted_checkpoint("phimoe", base, adapters, ("up", "down"))
     margs = verify.model_args_from_file(os.path.join(base, "model.args"), SEQ)
     chunks, _ = verify.build_megatron(margs, base, adapters)
     return dict(hf=phi_models["biases"], base=base, adapters=adapters, root=root,
-                base_logits=base_logits, logits=verify.megatron_logits(chunks, tokens(), VOCAB))
+                base_logits=base_logits, rank_map=rank_map, targets=("up", "down"), logits=verify.megatron_logits(chunks, tokens(), VOCAB))
 
 
 @pytest.mark.parametrize("source", ["megatron_base", "hf_base"])
@@ -294,6 +294,15 @@ def test_peft_export_matches_megatron(phi_run):
     diff = verify.max_abs_diff(verify.hf_logits(phi_run["hf"], tokens(), adapter=save),
                                phi_run["logits"])
     assert diff < TOL, f"peft: {diff}"
+
+
+def test_peft_per_expert_export(phi_run, tmp_path):
+    """transformers 4's per-expert layout (block_sparse_moe.experts.E.w1/w3/w2, router
+    block_sparse_moe.gate): every module's rank is its rank-map entry and the config's; loaded
+    with transformers 4 when DRLORA_TRANSFORMERS4_PATH is set (else skipped after the checks)."""
+    from tests.test_hf_export import test_peft_per_expert_export as check
+
+    check(({"phimoe": phi_run}, phi_run["root"]), "phimoe", tmp_path)
 
 
 # --- the recipe and the converter --------------------------------------------------------------
