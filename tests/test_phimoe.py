@@ -94,6 +94,47 @@ def test_megatron_router_equals_phimoe_router(megatron_single, training):
     assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
 
 
+def test_training_mode_model_equals_transformers(megatron_single, tmp_path):
+    """In training mode (sampled routing, Heun's gradient) the converted model gives
+    transformers' logits and router gradients from the same seed: one sequence (the token
+    order of Megatron's [s, b] and transformers' [b, s] agree), dropout 0 (Megatron-LM's
+    default is 0.1) and transformers' input jitter off, so both draw the same random numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.importer import convert
+
+    hf_dir = make_hf_model("phimoe", str(tmp_path / "hf"))
+    convert(hf_dir, str(tmp_path / "base"), log=lambda s: None)
+    margs = verify.model_args_from_file(str(tmp_path / "base" / "model.args"), SEQ, extra=[
+        "--hidden-dropout", "0", "--attention-dropout", "0"])
+    chunks, _ = verify.build_megatron(margs, str(tmp_path / "base"))
+    ours = chunks[0].train()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
+    for module in hf.modules():
+        if hasattr(module, "input_jitter_noise"):
+            module.input_jitter_noise = 0.0
+    t = tokens(batch=1)
+    pos = torch.arange(SEQ).unsqueeze(0)
+    g = torch.randn(1, SEQ, VOCAB, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(5)
+    logits = ours(t, pos, None)[..., :VOCAB]
+    (logits * g).sum().backward()
+    torch.manual_seed(5)
+    ref = hf(input_ids=t).logits
+    (ref * g).sum().backward()
+    assert verify.max_abs_diff(logits, ref) < TOL
+    for layer in range(2):
+        ours_grad = ours.decoder.layers[layer].mlp.router.weight.grad
+        ref_grad = hf.model.layers[layer].mlp.router.weight.grad
+        assert ref_grad.abs().max() > 1.0
+        assert torch.allclose(ours_grad, ref_grad, atol=1e-4 * float(ref_grad.abs().max()))
+    with torch.no_grad():  # sampling matters: another seed and eval mode route differently
+        torch.manual_seed(6)
+        assert verify.max_abs_diff(ours(t, pos, None)[..., :VOCAB], logits) > 0.1
+        assert verify.max_abs_diff(ours.eval()(t, pos, None)[..., :VOCAB], logits) > 0.1
+
+
 def test_routing_statistics_see_the_sparsemixer_routing(megatron_single, tmp_path):
     """DR-LoRA's router hook counts the sparsemixer's experts and weights (train mode)."""
     from megatron_drlora import DRLoRAConfig
