@@ -208,6 +208,47 @@ def test_import_matches_transformers(megatron_single, phi_models, tmp_path, vari
         assert verify.max_abs_diff(hf, verify.hf_logits(phi_models["biases"], t)) > 0.1
 
 
+def test_fused_checkpoint_imports_and_exports_in_its_style(megatron_single, phi_models,
+                                                          phi_run, tmp_path):
+    """A checkpoint in transformers 5's in-memory names (mlp.router, mlp.experts.gate_up_proj
+    [E, 2I, H] gate rows first, mlp.experts.down_proj) converts to the same model, and a merged
+    export keeps that style."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.exporter import export
+    from megatron_drlora.hf.importer import convert
+
+    fused = tmp_path / "fused"
+    shutil.copytree(phi_models["biases"], fused)
+    tensors = load_file(str(fused / "model.safetensors"))
+    for layer in range(2):
+        old, new = f"model.layers.{layer}.block_sparse_moe", f"model.layers.{layer}.mlp"
+        per = [[tensors.pop(f"{old}.experts.{e}.{w}.weight") for w in ("w1", "w3", "w2")]
+               for e in range(4)]
+        tensors[f"{new}.experts.gate_up_proj"] = torch.stack([torch.cat(x[:2]) for x in per])
+        tensors[f"{new}.experts.down_proj"] = torch.stack([x[2] for x in per])
+        tensors[f"{new}.router.weight"] = tensors.pop(f"{old}.gate.weight")
+    save_file(tensors, str(fused / "model.safetensors"))
+    convert(str(fused), str(tmp_path / "base"), log=lambda s: None)
+    margs = verify.model_args_from_file(str(tmp_path / "base" / "model.args"), SEQ)
+    chunks, _ = verify.build_megatron(margs, str(tmp_path / "base"))
+    t = tokens()
+    diff = verify.max_abs_diff(verify.megatron_logits(chunks, t, VOCAB),
+                               verify.hf_logits(phi_models["biases"], t))
+    assert diff < TOL, diff
+    save = str(tmp_path / "merged")
+    export(phi_run["adapters"], str(fused), "merged", save, log=lambda s: None)
+    names = set(safe_open(os.path.join(save, "model.safetensors"), "pt").keys())
+    assert "model.layers.0.mlp.router.weight" in names
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    diff = verify.max_abs_diff(verify.hf_logits(save, t), phi_run["logits"])
+    assert diff < TOL, diff
+
+
 def test_output_layer_bias_follows_the_vocabulary_padding(megatron_single, phi_models,
                                                          tmp_path):
     """A base padded to 104 rows loaded into a 128-row model (Megatron-LM pads its own way):
