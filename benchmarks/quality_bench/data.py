@@ -1,6 +1,7 @@
 """Data of the quality benchmark: the demo's pipeline plus a target *mix*.
 
-The base corpus is every synthetic domain (`tools/generate_corpus.py`). The fine-tuning data
+The base corpus is every synthetic domain (`tools/generate_corpus.py`), the frequent mix
+domain `--frequent-base-factor` times over. The fine-tuning data
 is a mix of two domains: a frequent one the base already solves (default `prose`: recall of
 ten fixed facts in long templated sentences, many tokens per record) and a rarer one it does
 not (default `sort`: sorting 3-6 letters, learned only partly by the short base run). Routing
@@ -61,7 +62,8 @@ def prepare_data(args, out: str) -> Dict[str, str]:
     eval_counts = {args.frequent_domain: args.eval_prompts_frequent,
                    args.rare_domain: args.eval_prompts_rare}
     stamp = {"num_per_domain": args.num_per_domain, "corpus_seed": args.corpus_seed,
-             "vocab_size": args.vocab_size, "mix": mix_counts(args), "eval": eval_counts,
+             "vocab_size": args.vocab_size, "mix": mix_counts(args),
+             "frequent_base_factor": args.frequent_base_factor, "eval": eval_counts,
              "probe_records": args.probe_records, "split": "crc32 buckets"}
     stamp_path = os.path.join(data, "settings.json")
     paths = {"tokenizer": os.path.join(data, "tokenizer.model"),
@@ -86,6 +88,12 @@ def prepare_data(args, out: str) -> Dict[str, str]:
     mixed_path = os.path.join(corpus, "mixed.jsonl")
     mixed = [rec for _, rec in iter_jsonl(mixed_path)
              if not (rec["domain"] in mix and held_out(rec["prompt"]))]
+    # The frequent domain, over-represented in the base corpus so the base solves it.
+    extra = (args.frequent_base_factor - 1) * args.num_per_domain
+    if extra > 0:
+        mixed += draw(args.frequent_domain, extra, args.corpus_seed + 50_021,
+                      lambda p: not held_out(p))
+        random.Random(args.corpus_seed + 3).shuffle(mixed)
     write_jsonl(mixed_path, mixed)
     train_records: List[Dict] = []
     for i, (domain, n) in enumerate(mix_counts(args).items()):

@@ -20,8 +20,9 @@ from benchmarks.quality_bench.runs import DRLORA_FAMILY, REPO, VARIANTS, say
 QUICK = {"seeds": 1, "variants": "uniform_r_target,uniform_flops,static_frequency,"
          "uniform_r_max,drlora", "num_layers": 2, "hidden_size": 32, "moe_ffn_hidden_size": 16,
          "num_experts": 8, "topk": 2, "base_iters": 8, "finetune_iters": 12, "batch_size": 4,
-         "num_per_domain": 60, "finetune_records": 80, "eval_prompts_rare": 12,
-         "eval_prompts_frequent": 8, "probe_records": 16, "vocab_size": 256, "events": 2}
+         "num_per_domain": 60, "frequent_base_factor": 2, "finetune_records": 80,
+         "eval_prompts_rare": 12, "eval_prompts_frequent": 8, "probe_records": 16,
+         "vocab_size": 256, "events": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the mix's rare domain (one the base solves only partly)")
     p.add_argument("--rare-share", type=float, default=0.2,
                    help="share of the fine-tuning records from the rare domain")
-    p.add_argument("--finetune-iters", type=int, default=300)
-    p.add_argument("--base-iters", type=int, default=300,
+    p.add_argument("--finetune-iters", type=int, default=200)
+    p.add_argument("--base-iters", type=int, default=400,
                    help="base training iterations on all domains (short: the base knows the "
                         "rare domain only partly)")
+    p.add_argument("--frequent-base-factor", type=int, default=4,
+                   help="the base corpus holds this many times --num-per-domain records of "
+                        "the frequent domain (so the base solves it)")
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="sequences of 64 tokens per "
                    "iteration")
@@ -57,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning records (the mix)")
     p.add_argument("--eval-prompts-rare", type=int, default=1000,
                    help="held-out prompts of the rare domain")
-    p.add_argument("--eval-prompts-frequent", type=int, default=300,
+    p.add_argument("--eval-prompts-frequent", type=int, default=200,
                    help="held-out prompts of the frequent domain")
     p.add_argument("--probe-records", type=int, default=400,
                    help="fine-tuning records whose routing is counted (static map, FLOPs)")
     for flag, default in (("--corpus-seed", 7), ("--vocab-size", 512), ("--num-layers", 4),
-                          ("--hidden-size", 64), ("--moe-ffn-hidden-size", 32),
+                          ("--hidden-size", 128), ("--moe-ffn-hidden-size", 64),
                           ("--num-experts", 64), ("--topk", 8), ("--r-init", 2),
                           ("--r-target", 4), ("--r-max", 8), ("--events", 10)):
         p.add_argument(flag, type=int, default=default)
@@ -98,8 +102,9 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-SETTINGS = ("frequent_domain", "rare_domain", "rare_share", "finetune_iters", "base_iters",
-            "lr", "batch_size", "num_per_domain", "finetune_records", "eval_prompts_rare",
+SETTINGS = ("frequent_domain", "rare_domain", "rare_share", "frequent_base_factor",
+            "finetune_iters", "base_iters", "lr", "batch_size", "num_per_domain",
+            "finetune_records", "eval_prompts_rare",
             "eval_prompts_frequent", "probe_records", "corpus_seed", "vocab_size",
             "num_layers", "hidden_size", "moe_ffn_hidden_size", "num_experts", "topk",
             "r_init", "r_target", "r_max", "p_grow", "budget_at", "events", "jobs", "quick")
@@ -118,10 +123,12 @@ class Benchmark:
         args, out = self.args, self.out
         self.base_dir = os.path.join(out, "base")
         self.base_flags = runs.base_flags(args, self.paths, self.base_dir)
-        stamp = {"flags": self.base_flags, "tokenizer_sha256": file_sha256(self.paths["tokenizer"]),
+        stamp = {"flags": self.base_flags,
+                 "tokenizer_sha256": file_sha256(self.paths["tokenizer"]),
                  "data_settings": json.load(open(os.path.join(out, "data", "settings.json")))}
         stamp_path = os.path.join(self.base_dir, "bench_settings.json")
-        if args.fresh or not (os.path.isfile(stamp_path) and json.load(open(stamp_path)) == stamp):
+        if args.fresh or not (os.path.isfile(stamp_path)
+                              and json.load(open(stamp_path)) == stamp):
             shutil.rmtree(self.base_dir, ignore_errors=True)
             say(f"> base: {args.base_iters} iterations on all domains -> {self.base_dir}")
             trained = runs.train(self.base_flags, self.base_dir, _port())
@@ -138,8 +145,9 @@ class Benchmark:
 
     # --- runs -------------------------------------------------------------------------------
     def flags(self, variant: str, seed: int) -> List[str]:
-        return runs.finetune_flags(self.args, self.paths, self.base_dir, self.run_dir(variant, seed),
-                                   variant, seed, flops_rank=self.flops.get("rank"),
+        return runs.finetune_flags(self.args, self.paths, self.base_dir,
+                                   self.run_dir(variant, seed), variant, seed,
+                                   flops_rank=self.flops.get("rank"),
                                    static_map=self.static_map_path)
 
     def run_dir(self, variant: str, seed: int) -> str:
@@ -221,9 +229,13 @@ class Benchmark:
     def schedule_runs(self) -> List[Dict]:
         args = self.args
         seeds = range(args.seeds)
+        # DR-LoRA first (the FLOPs-matched control needs its maps), then the controls, then
+        # the ablations: a run stopped early has the main comparisons complete.
         first = [("drlora", s) for s in seeds if "drlora" in args.variants]
         rest = [(v, s) for s in seeds for v in args.variants
-                if v not in ("drlora", "uniform_flops")]
+                if v not in DRLORA_FAMILY + ("uniform_flops",)]
+        rest += [(v, s) for s in seeds for v in args.variants
+                 if v in DRLORA_FAMILY and v != "drlora"]
         later = [("uniform_flops", s) for s in seeds if "uniform_flops" in args.variants]
         records: Dict = {}
         pending = {}
