@@ -117,3 +117,19 @@ def test_imports_no_megatron():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_plans_from_a_recipe_file(tmp_path):
+    """@flags file: the OLMoE recipe plans Table 10's run; Megatron flags the plan does not use
+    are skipped, a misspelt DR-LoRA flag is not."""
+    recipe = "@" + os.path.join("examples", "recipes", "olmoe_1b_7b_drlora.args")
+    proc = run_tool(recipe, "--json", "--at", *map(str, TABLE_10))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert (plan["t_warmup"], plan["t_end"], plan["n_events"]) == (1140, 37800, 183)
+    rows = {r["step"]: r for r in plan["trajectory"]}
+    assert rows[37800]["total_active_ranks"] == 131072
+    typo = tmp_path / "typo.args"
+    typo.write_text(open(os.path.join(ROOT, recipe[1:])).read() + "\n--drlora-grow-intervall 5\n")
+    proc = run_tool("@" + str(typo))
+    assert proc.returncode == 2 and "--drlora-grow-intervall" in proc.stderr

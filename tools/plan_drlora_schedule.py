@@ -9,6 +9,8 @@ schedule): no torch, no Megatron.
 Example (the paper's OLMoE setting, Table 10):
     python tools/plan_drlora_schedule.py --num-layers 16 --num-experts 64 --drlora-budget 64 \
         --drlora-rank-init 32 --drlora-rank-max 128 --train-iters 38000 --lr-warmup-iters 1140
+or straight from a run's flags file (the Megatron flags the plan does not use are ignored):
+    python tools/plan_drlora_schedule.py @examples/recipes/olmoe_1b_7b_drlora.args
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,9 +32,17 @@ from megatron_drlora.schedule import (GrowthSchedule, budget_shortfall_message, 
                                       warmup_iterations)
 
 
+def _args_from_line(line: str) -> List[str]:
+    """Flags files as the training entry reads them: several flags a line, '#' comments."""
+    line = line.split("#", 1)[0].strip()
+    return shlex.split(line) if line else []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Plan the DR-LoRA growth schedule (events, quota, cap, rank trajectory).")
+        description="Plan the DR-LoRA growth schedule (events, quota, cap, rank trajectory).",
+        fromfile_prefix_chars="@", allow_abbrev=False)
+    parser.convert_arg_line_to_args = _args_from_line
     model = parser.add_argument_group("model and run (Megatron flags)")
     model.add_argument("--num-layers", type=int, required=True, help="MoE layers adapted.")
     model.add_argument("--num-experts", type=int, required=True, help="Routed experts per layer.")
@@ -139,7 +150,14 @@ def format_plan(plan: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("@") for a in argv):  # a run's flags file: skip what the plan ignores
+        args, unused = parser.parse_known_args(argv)
+        typos = [a for a in unused if a.startswith("--drlora")]
+        if typos:
+            parser.error(f"unrecognized arguments: {' '.join(typos)}")
+    else:
+        args = parser.parse_args(argv)
     try:
         for flag, value in (("--num-layers", args.num_layers), ("--num-experts", args.num_experts),
                             ("--train-iters", args.train_iters)):
