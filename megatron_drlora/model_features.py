@@ -9,6 +9,10 @@ entry, the converter and the exporter's check, so all three build the same model
   have (and Megatron's expert bias path is not supported by DR-LoRA's expert hooks).
 - `--add-output-layer-bias`: a bias on the output layer (HF `lm_head.bias`); GPTModel builds
   its output layer without one. Vocabulary-parallel like the output weight, zero on padding rows.
+- `--moe-layer-input-jitter-eps`: transformers' Phi-MoE `input_jitter_noise`. In training the MoE
+  layer's input (what the router and the experts see) is multiplied by uniform noise in
+  [1 - eps, 1 + eps] twice, as transformers does (its MoE block and its router each scale the
+  same tensor in place). Megatron's own `--moe-input-jitter-eps` scales the router's input only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def add_arguments(parser) -> None:
                        help="Bias on the attention output projection only (HF o_proj.bias).")
     group.add_argument("--add-output-layer-bias", action="store_true",
                        help="Bias on the output layer (HF lm_head.bias).")
+    group.add_argument("--moe-layer-input-jitter-eps", type=float, default=0.0,
+                       help="Training only: scale the MoE layer input (router and experts) by "
+                            "U(1-eps, 1+eps) twice (HF Phi-MoE input_jitter_noise).")
 
 
 def _get(args, name, default):
@@ -78,9 +85,35 @@ def _with_bias(cls):
 
 
 def adjust_model(model, args) -> None:
-    """Add the output-layer bias when `--add-output-layer-bias` (in place)."""
-    if not _get(args, "add_output_layer_bias", False):
-        return
+    """Add the output-layer bias and the MoE input jitter the flags ask for (in place)."""
+    eps = float(_get(args, "moe_layer_input_jitter_eps", 0.0) or 0.0)
+    if eps < 0:
+        raise ValueError(f"--moe-layer-input-jitter-eps {eps}: must be >= 0")
+    if eps > 0:
+        decoder = getattr(model, "decoder", None)
+        for layer in getattr(decoder, "layers", []):
+            if hasattr(getattr(layer, "mlp", None), "router"):
+                layer.mlp.register_forward_pre_hook(_input_jitter(eps))
+    if _get(args, "add_output_layer_bias", False):
+        _add_output_layer_bias(model)
+
+
+def _input_jitter(eps: float):
+    """Forward pre-hook of an MoE layer: x * u1 * u2, u ~ U(1-eps, 1+eps), in training only
+    (drawn from torch's default generator like transformers, which Megatron restores for
+    activation recompute)."""
+    def hook(module, args):
+        if not module.training:
+            return None
+        x = args[0]
+        for _ in range(2):
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        return (x,) + tuple(args[1:])
+
+    return hook
+
+
+def _add_output_layer_bias(model) -> None:
     layer = getattr(model, "output_layer", None)
     if layer is None:  # not the last pipeline stage
         return

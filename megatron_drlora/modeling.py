@@ -72,6 +72,7 @@ class MoEModelArgs:
     add_attention_output_bias: bool = False
     add_output_layer_bias: bool = False
     window_size: Optional[tuple] = None  # Megatron's (left, right) sliding attention window
+    moe_layer_input_jitter_eps: float = 0.0
 
     @classmethod
     def from_megatron_args(cls, args, vocab_size: int) -> "MoEModelArgs":
@@ -107,7 +108,8 @@ class MoEModelArgs:
             moe_sparsemixer_jitter_eps=getattr(args, "moe_sparsemixer_jitter_eps", 0.01),
             add_attention_output_bias=getattr(args, "add_attention_output_bias", False),
             add_output_layer_bias=getattr(args, "add_output_layer_bias", False),
-            window_size=getattr(args, "window_size", None))
+            window_size=getattr(args, "window_size", None),
+            moe_layer_input_jitter_eps=getattr(args, "moe_layer_input_jitter_eps", 0.0))
 
 
 def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
@@ -289,6 +291,14 @@ def _flatten(sd, prefix=""):
             yield from _flatten(v, f"{prefix}{i}.")
     else:
         yield prefix[:-1], sd
+
+
+def sharded_tensors(state_dict):
+    """Every ShardedTensor of a (nested) sharded state dict, factories built."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for _, item in _flatten(state_dict):
+        yield from _sharded_tensors(item, ShardedTensor, ShardedTensorFactory)
 
 
 def _sharded_tensors(item, ShardedTensor, ShardedTensorFactory):

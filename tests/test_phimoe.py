@@ -95,25 +95,25 @@ def test_megatron_router_equals_phimoe_router(megatron_single, training):
 
 
 def test_training_mode_model_equals_transformers(megatron_single, tmp_path):
-    """In training mode (sampled routing, Heun's gradient) the converted model gives
-    transformers' logits and router gradients from the same seed: one sequence (the token
-    order of Megatron's [s, b] and transformers' [b, s] agree), dropout 0 (Megatron-LM's
-    default is 0.1) and transformers' input jitter off, so both draw the same random numbers."""
+    """In training mode (input jitter, sampled routing, Heun's gradient) the converted model
+    gives transformers' logits and router gradients from the same seed: one sequence (the token
+    order of Megatron's [s, b] and transformers' [b, s] agree) and dropout 0 (Megatron-LM's
+    default is 0.1), so both draw the same random numbers in the same order."""
     from transformers import AutoModelForCausalLM
 
     from megatron_drlora.hf import verify
     from megatron_drlora.hf.importer import convert
 
     hf_dir = make_hf_model("phimoe", str(tmp_path / "hf"))
-    convert(hf_dir, str(tmp_path / "base"), log=lambda s: None)
-    margs = verify.model_args_from_file(str(tmp_path / "base" / "model.args"), SEQ, extra=[
-        "--hidden-dropout", "0", "--attention-dropout", "0"])
-    chunks, _ = verify.build_megatron(margs, str(tmp_path / "base"))
+    flags = convert(hf_dir, str(tmp_path / "base"), log=lambda s: None)["flags"]
+    assert "--moe-layer-input-jitter-eps 0.01" in flags  # hf_tiny's input_jitter_noise
+    args_file = str(tmp_path / "base" / "model.args")
+    no_dropout = ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    chunks, _ = verify.build_megatron(verify.model_args_from_file(args_file, SEQ,
+                                                                  extra=no_dropout),
+                                      str(tmp_path / "base"))
     ours = chunks[0].train()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
-    for module in hf.modules():
-        if hasattr(module, "input_jitter_noise"):
-            module.input_jitter_noise = 0.0
     t = tokens(batch=1)
     pos = torch.arange(SEQ).unsqueeze(0)
     g = torch.randn(1, SEQ, VOCAB, generator=torch.Generator().manual_seed(9))
@@ -133,6 +133,13 @@ def test_training_mode_model_equals_transformers(megatron_single, tmp_path):
         torch.manual_seed(6)
         assert verify.max_abs_diff(ours(t, pos, None)[..., :VOCAB], logits) > 0.1
         assert verify.max_abs_diff(ours.eval()(t, pos, None)[..., :VOCAB], logits) > 0.1
+        unjittered, _ = verify.build_megatron(verify.model_args_from_file(
+            args_file, SEQ, extra=no_dropout + ["--moe-layer-input-jitter-eps", "0"]),
+            str(tmp_path / "base"))
+        torch.manual_seed(5)
+        jitter_matters = verify.max_abs_diff(
+            unjittered[0].train()(t, pos, None)[..., :VOCAB], logits)
+        assert jitter_matters > 1e-3, jitter_matters
 
 
 def test_routing_statistics_see_the_sparsemixer_routing(megatron_single, tmp_path):
@@ -389,7 +396,8 @@ def test_peft_per_expert_export(phi_run, tmp_path):
 
 # --- the recipe and the converter --------------------------------------------------------------
 RECIPE_FEATURE_FLAGS = {"--moe-router-type", "--moe-sparsemixer-jitter-eps", "--window-size",
-                        "--add-attention-output-bias", "--add-output-layer-bias"}
+                        "--add-attention-output-bias", "--add-output-layer-bias",
+                        "--moe-layer-input-jitter-eps"}
 
 
 def _recipe():
@@ -402,8 +410,8 @@ def _phi_mini_moe():
     """microsoft/Phi-mini-MoE-instruct's config.json as far as the converter reads it: the
     paper's shape (32 layers, hidden 4096, 16 experts of 960, top-2) and, for what the paper
     does not state, the Phi-3.5-MoE values it was compressed from (32 heads, 8 KV heads,
-    vocabulary 32064, biases, LayerNorm eps 1e-5, router_jitter_noise 0.01), a 4k context
-    without RoPE scaling."""
+    vocabulary 32064, biases, LayerNorm eps 1e-5, router_jitter_noise and input_jitter_noise
+    0.01), a 4k context without RoPE scaling."""
     from transformers import PhimoeConfig
 
     return PhimoeConfig(vocab_size=32064, hidden_size=4096, intermediate_size=960,

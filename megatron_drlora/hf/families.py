@@ -65,6 +65,7 @@ class ModelDescription:
     lm_head_bias: bool = False
     router_type: str = "topk"
     router_jitter_eps: float = 0.0
+    input_jitter_eps: float = 0.0  # training only: the MoE input scaled by uniform noise
     sliding_window: Optional[int] = None
 
     @property
@@ -95,6 +96,7 @@ class ModelDescription:
             moe_router_type=self.router_type, moe_sparsemixer_jitter_eps=self.router_jitter_eps,
             add_attention_output_bias=self.attention_output_bias,
             add_output_layer_bias=self.lm_head_bias, window_size=self.window_size,
+            moe_layer_input_jitter_eps=self.input_jitter_eps,
             swiglu=True, normalization=self.normalization, layernorm_epsilon=self.norm_epsilon,
             position_embedding_type="rope", rotary_base=self.rope_theta,
             vocab_size=padded_vocab, seq_length=self.max_position_embeddings,
@@ -121,6 +123,8 @@ class ModelDescription:
         if self.router_type != "topk":
             f += [f"--moe-router-type {self.router_type}",
                   f"--moe-sparsemixer-jitter-eps {self.router_jitter_eps!r}"]
+        if self.input_jitter_eps:
+            f.append(f"--moe-layer-input-jitter-eps {self.input_jitter_eps!r}")
         if self.shared_expert_ffn:
             f.append(f"--moe-shared-expert-intermediate-size {self.shared_expert_ffn}")
             if self.shared_expert_gate:

@@ -11,8 +11,8 @@ What differs from the other families and how it is built in Megatron:
   `num_experts_per_tok` must be 2 (transformers' sparsemixer is top-2 whatever it says).
 - `sliding_window` W (transformers: a query attends to the W most recent positions, itself
   included): Megatron's `--window-size W-1,0`.
-- `input_jitter_noise` acts only in training (transformers scales the MoE input by uniform
-  noise); it is not applied here (docs/hf_interop.md), eval logits are unaffected.
+- `input_jitter_noise` (training only: transformers scales the MoE input by uniform noise,
+  twice): `--moe-layer-input-jitter-eps` (megatron_drlora.model_features).
 - RoPE: plain RoPE only; longrope (Phi-3.5-MoE's 128k context) is refused naming the key.
 On disk experts are named like Mixtral's (`block_sparse_moe.experts.E.w1/w3/w2`,
 `block_sparse_moe.gate`); transformers 5 in memory: `mlp.router`, `mlp.experts.gate_up_proj`.
@@ -36,6 +36,9 @@ def describe_phimoe(get: Callable, refuse: Callable, common: dict):
     window = get("sliding_window", None)
     if window is not None and int(window) < 1:
         refuse("sliding_window", window, "a window of at least one position")
+    input_jitter = float(get("input_jitter_noise", 0.0) or 0.0)
+    if not 0 <= input_jitter < 1:
+        refuse("input_jitter_noise", input_jitter, "a noise width in [0, 1)")
     bias = bool(get("attention_bias", False))
     return ModelDescription(
         **common, num_experts=int(get("num_local_experts")), topk=topk,
@@ -43,5 +46,5 @@ def describe_phimoe(get: Callable, refuse: Callable, common: dict):
         ffn_hidden_size=int(get("intermediate_size")), norm_topk_prob=False,
         norm_epsilon=float(get("rms_norm_eps", 1e-5)), qkv_bias=bias, attention_output_bias=bias,
         lm_head_bias=bool(get("lm_head_bias", False)), normalization="LayerNorm",
-        router_type="sparsemixer", router_jitter_eps=eps,
+        router_type="sparsemixer", router_jitter_eps=eps, input_jitter_eps=input_jitter,
         sliding_window=None if window is None else int(window))
