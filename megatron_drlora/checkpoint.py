@@ -155,7 +155,10 @@ def load_base_checkpoint(path: str, chunks) -> None:
         raise CheckpointError(f"--pretrained-checkpoint {path} holds DR-LoRA adapters, not a "
                               f"base model; pass it to --load instead")
     request = _model_sharded_state_dict(chunks)
-    repadded = _vocab_repadding(request, dist_checkpointing.load_tensors_metadata(path))
+    meta = dist_checkpointing.load_tensors_metadata(path)
+    alias_norm_keys(request, meta)
+    check_base_fits(request, meta, path)
+    repadded = _vocab_repadding(request, meta)
     try:
         loaded = dist_checkpointing.load(request, path)
     except _load_failures() as e:
@@ -168,6 +171,88 @@ def load_base_checkpoint(path: str, chunks) -> None:
 
 
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
+
+# Where a tensor that does not fit usually comes from: (part of its key, the flags to check).
+_FLAG_HINTS = (
+    ("word_embeddings", "--vocab-size, the tokenizer, --make-vocab-size-divisible-by"),
+    ("output_layer.bias", "--add-output-layer-bias"),
+    ("output_layer", "--vocab-size, --untie-embeddings-and-output-weights"),
+    ("shared_experts", "--moe-shared-expert-intermediate-size, --moe-shared-expert-gate"),
+    ("experts", "--num-experts, --moe-ffn-hidden-size, --swiglu"),
+    ("router", "--num-experts, --moe-router-enable-expert-bias"),
+    ("q_layernorm", "--qk-layernorm, --qk-layernorm-scope"),
+    ("k_layernorm", "--qk-layernorm, --qk-layernorm-scope"),
+    ("linear_qkv.bias", "--add-qkv-bias"),
+    ("linear_qkv", "--hidden-size, --num-attention-heads, --num-query-groups, --kv-channels"),
+    ("linear_proj.bias", "--add-attention-output-bias"),
+    ("linear_proj", "--hidden-size, --num-attention-heads, --kv-channels"),
+    ("linear_fc", "--ffn-hidden-size, --swiglu, --moe-layer-freq"),
+    ("norm", "--normalization"),
+)
+
+
+# Megatron-Core's local spec saves an MoE layer's pre-MLP norm as `mlp.linear_fc1.layer_norm_*`
+# (its keys map), the Transformer Engine spec as `pre_mlp_layernorm.*`: a base made with one
+# (e.g. converted on a CPU node) loads into a model built with the other.
+_NORM_ALIASES = (("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+                 ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
+                 ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+                 ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"))
+
+
+def alias_norm_keys(request: Dict, meta: Dict) -> int:
+    """Request a norm the base holds under the other spec's name by that name; returns how
+    many were renamed."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    renamed = 0
+    for name, sh in list(request.items()):
+        if not isinstance(sh, ShardedTensor) or sh.key in meta:
+            continue
+        for a, b in _NORM_ALIASES + tuple((b, a) for a, b in _NORM_ALIASES):
+            other = sh.key[:-len(a)] + b
+            if sh.key.endswith(a) and other in meta:
+                request[name] = dataclasses.replace(sh, key=other)
+                renamed += 1
+                break
+    return renamed
+
+
+def _flags_for(key: str) -> str:
+    for part, flags in _FLAG_HINTS:
+        if part in key:
+            return flags
+    return "--num-layers, --hidden-size"
+
+
+def check_base_fits(request: Dict, meta: Dict, path: str) -> None:
+    """Before loading: every tensor the model these flags build must be in the base with its
+    shape (vocabulary rows aside: Megatron-LM repads them), and every model tensor of the base
+    must be used; a base tensor the model lacks (a q/k norm, a bias) would otherwise be dropped
+    without a word. The error names each tensor, both shapes and the flags to check."""
+    from megatron_drlora.modeling import sharded_tensors
+
+    want = {sh.key: tuple(sh.global_shape) for sh in sharded_tensors(request)}
+    base = {k: tuple(v.global_shape) for k, v in meta.items()
+            if not k.startswith("optimizer.") and not k.startswith("rng_state")}
+    problems = []
+    for key in sorted(set(want) - set(base)):
+        problems.append(f"{key} {want[key]} is not in the base ({_flags_for(key)})")
+    for key in sorted(set(base) - set(want)):
+        problems.append(f"the base has {key} {base[key]}, which these flags do not build "
+                        f"({_flags_for(key)})")
+    for key in sorted(set(want) & set(base)):
+        a, b = want[key], base[key]
+        if a != b and not (key.endswith(_VOCAB_KEYS) and a[1:] == b[1:]):
+            problems.append(f"{key}: {b} in the base, {a} with these flags ({_flags_for(key)})")
+    if problems:
+        shown = "\n  ".join(problems[:8])
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise CheckpointError(f"--pretrained-checkpoint {path} does not fit the model these "
+                              f"flags build:\n  {shown}{more}\nUse the model flags the base was "
+                              f"made with (the converter writes them to BASE/model.args).")
 
 
 def _vocab_repadding(request: Dict, meta: Dict) -> Dict:

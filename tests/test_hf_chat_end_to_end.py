@@ -5,7 +5,8 @@ chat template (built here, saved as save_pretrained does): tools/preprocess_data
 the chat records with the template (loss on assistant tokens), the converter imports the model
 (its model.args names the tokenizer), examples/pretrain_gpt.py fine-tunes it with DR-LoRA on
 that data (growth events), and the merged and PEFT exports, loaded with transformers (+ peft),
-give the Megatron model's logits (the exporter's --verify, and once more here)."""
+give the Megatron model's logits (checked here; the exporter's own --verify is tested in
+tests/test_hf_export.py)."""
 
 import json
 import random
@@ -70,7 +71,7 @@ def test_chat_data_to_verified_exports(family, megatron_single, tmp_path):
     chunks, _ = verify.build_megatron(margs, str(base), str(run))
     want = verify.megatron_logits(chunks, tokens(), VOCAB)
     assert verify.max_abs_diff(want, verify.hf_logits(hf_dir, tokens())) > 1e-3  # it trained
-    quiet = dict(log=lambda s: None, verify=True)
+    quiet = dict(log=lambda s: None)
     export(str(run), hf_dir, "merged", str(tmp_path / "merged"), pretrained_checkpoint=str(base),
            **quiet)
     export(str(run), hf_dir, "peft", str(tmp_path / "peft"), pretrained_checkpoint=str(base),

@@ -211,3 +211,15 @@ def test_steps_megatron_skips_leave_the_saliency_untouched(work, base):
     assert [e["iteration"] for e in events(run)] == EVENTS  # the event at 2 was a skipped step
     state = read_checkpoint(run / "iter_0000008", work)["drlora"]
     assert int(state["saliency"]["updates"]) == sum(stepped)
+
+
+def test_flags_that_do_not_fit_the_base_are_refused_naming_tensor_and_flag(work, base):
+    proc = torchrun(1, TINY + DRLORA + ["--pretrained-checkpoint", str(base),
+                                        "--num-experts", "8", "--train-iters", "2"],
+                    expect_ok=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "does not fit the model these flags build" in text
+    assert ("decoder.layers.mlp.router.weight: (2, 4, 32) in the base, (2, 8, 32) with these "
+            "flags (--num-experts" in text), text[-3000:]
+    assert "iteration        1/" not in text  # refused before any training
