@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from megatron_drlora.compat.megatron import prepare_import  # noqa: E402
+from megatron_drlora.launch.ports import free_port  # noqa: E402
 
 prepare_import()  # before megatron: Python 3.11 shim, triton stub on CPU
 
@@ -47,12 +47,6 @@ def have_cuda() -> bool:
 def sync() -> None:
     if have_cuda():
         torch.cuda.synchronize()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def megatron_argv(s: Dict, *, bf16: bool, te: bool, log_dir: str,
@@ -111,7 +105,7 @@ class Megatron:
     def __init__(self, argv: List[str]):
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             os.environ.pop(key, None)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         from megatron.training import training

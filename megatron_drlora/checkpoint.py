@@ -120,7 +120,7 @@ def adapter_sharded_state_dict(handle, layers=None) -> Dict:
     return out
 
 
-def _model_sharded_state_dict(chunks) -> Dict:
+def model_sharded_state_dict(chunks) -> Dict:
     out = {}
     for i, chunk in enumerate(chunks):
         sd = type(chunk).sharded_state_dict(chunk)  # the class's: never the DR-LoRA view
@@ -154,7 +154,7 @@ def load_base_checkpoint(path: str, chunks) -> None:
     if drlora_state(common) is not None or common.get("drlora_checkpoint_kind") == "adapters":
         raise CheckpointError(f"--pretrained-checkpoint {path} holds DR-LoRA adapters, not a "
                               f"base model; pass it to --load instead")
-    request = _model_sharded_state_dict(chunks)
+    request = model_sharded_state_dict(chunks)
     meta = dist_checkpointing.load_tensors_metadata(path)
     alias_norm_keys(request, meta)
     check_base_fits(request, meta, path)
@@ -297,7 +297,7 @@ def load_adapters(path: str, chunks, handle, iteration: Optional[int] = None) ->
                               f"a base model goes to --pretrained-checkpoint")
     request = adapter_sharded_state_dict(handle)
     if handle.config.router != "frozen":
-        for key, value in _model_sharded_state_dict(handle.chunks).items():
+        for key, value in model_sharded_state_dict(handle.chunks).items():
             if ".mlp.router." in key:
                 request[key] = value
     try:
@@ -341,7 +341,7 @@ def save_base_checkpoint(root: str, chunks, iteration: int = 0) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a killed save
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save({"model": _model_sharded_state_dict(chunks),
+    dist_checkpointing.save({"model": model_sharded_state_dict(chunks),
                              "iteration": iteration}, tmp)
     _barrier()
     if rank == 0:

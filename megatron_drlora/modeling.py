@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -293,12 +293,14 @@ def _flatten(sd, prefix=""):
         yield prefix[:-1], sd
 
 
-def sharded_tensors(state_dict):
-    """Every ShardedTensor of a (nested) sharded state dict, factories built."""
+def sharded_tensors(state_dict, build_factories: bool = True):
+    """Every ShardedTensor of a (nested) sharded state dict; factories are built (their
+    tensors yielded) or, with `build_factories=False`, skipped."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+    factory = ShardedTensorFactory if build_factories else type(None)
     for _, item in _flatten(state_dict):
-        yield from _sharded_tensors(item, ShardedTensor, ShardedTensorFactory)
+        yield from _sharded_tensors(item, ShardedTensor, factory)
 
 
 def _sharded_tensors(item, ShardedTensor, ShardedTensorFactory):

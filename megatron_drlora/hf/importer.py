@@ -151,34 +151,31 @@ def _local_index(sh) -> tuple:
 def fill_from_hf(state: Dict, hf: HFCheckpoint, names: HFNames, padded_vocab: int) -> int:
     """Copy this rank's slice of every tensor of a sharded state dict (see `writer_ready_state`;
     factories applied) from the HF checkpoint; returns the count."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from megatron_drlora.modeling import _flatten, _sharded_tensors
+    from megatron_drlora.modeling import sharded_tensors
 
     experts = mapping.HFExpertReader(hf.get, hf.get_rows, names)
     cache: Dict = {}
     count = 0
-    for _, item in _flatten(state):
-        for sh in _sharded_tensors(item, ShardedTensor, type(None)):
-            if not torch.is_tensor(sh.data):
-                continue
-            stacked, index = _local_index(sh)
-            layer = sh.global_offset[0] if mapping.is_layer_key(sh.key) and stacked else None
-            expert = sh.global_offset[1] if mapping.is_expert_key(sh.key) else None
-            ident = (sh.key, layer, expert)
-            if ident not in cache:
-                cache.clear()  # one tensor at a time (fc1 halves share one entry)
-                cache[ident] = mapping.megatron_tensor(sh.key, layer, expert, hf.get,
-                                                       experts, names, padded_vocab)
-            full = cache[ident]
-            want = tuple(sh.global_shape[stacked:])
-            if tuple(full.shape) != want:
-                raise HFInteropError(
-                    f"{hf.flag} {hf.path}: the HF tensors for Megatron's {sh.key} (layer "
-                    f"{layer}, expert {expert}) have shape {tuple(full.shape)}, the model "
-                    f"built from config.json expects {want}")
-            sh.data.copy_(full[index].reshape(sh.data.shape).to(sh.data.dtype))
-            count += 1
+    for sh in sharded_tensors(state, build_factories=False):
+        if not torch.is_tensor(sh.data):
+            continue
+        stacked, index = _local_index(sh)
+        layer = sh.global_offset[0] if mapping.is_layer_key(sh.key) and stacked else None
+        expert = sh.global_offset[1] if mapping.is_expert_key(sh.key) else None
+        ident = (sh.key, layer, expert)
+        if ident not in cache:
+            cache.clear()  # one tensor at a time (fc1 halves share one entry)
+            cache[ident] = mapping.megatron_tensor(sh.key, layer, expert, hf.get,
+                                                   experts, names, padded_vocab)
+        full = cache[ident]
+        want = tuple(sh.global_shape[stacked:])
+        if tuple(full.shape) != want:
+            raise HFInteropError(
+                f"{hf.flag} {hf.path}: the HF tensors for Megatron's {sh.key} (layer "
+                f"{layer}, expert {expert}) have shape {tuple(full.shape)}, the model "
+                f"built from config.json expects {want}")
+        sh.data.copy_(full[index].reshape(sh.data.shape).to(sh.data.dtype))
+        count += 1
     return count
 
 
@@ -292,9 +289,9 @@ def writer_ready_state(chunks) -> Dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    from megatron_drlora.checkpoint import _model_sharded_state_dict
+    from megatron_drlora.checkpoint import model_sharded_state_dict
 
-    state = _model_sharded_state_dict(chunks)
+    state = model_sharded_state_dict(chunks)
     apply_factories(state)
     params: Dict[int, list] = {}
     for chunk in chunks:
