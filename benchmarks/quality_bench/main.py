@@ -315,6 +315,11 @@ def main(argv=None) -> int:
     except RuntimeError as err:
         say(f"error: {err}")
         return 1
+    import resource
+
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    # CPU seconds of this process and of every run it waited for (not of cached runs)
+    results["cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in used)
     out = os.path.abspath(args.out)
     results["summary"] = report.summarize(results)
     text = report.markdown(results)

@@ -84,7 +84,8 @@ def markdown(results: Dict) -> str:
         f"{s['batch_size']} sequences of 64 tokens; {len(s['seeds'])} seed(s); held-out "
         f"prompts: {s['eval_prompts_rare']} `{rare}`, {s['eval_prompts_frequent']} "
         f"`{frequent}`; wall time {results['wall_seconds'] / 60:.1f} min "
-        f"({s['jobs']} training run(s) at a time).", "",
+        f"({s['jobs']} training run(s) at a time), CPU time "
+        f"{results.get('cpu_seconds', 0) / 60:.1f} min.", "",
         f"Growth plan (`{plan['command']}`): {plan['num_event_steps']} events, steps "
         f"{plan['first_event_step']}..{plan['last_event_step']}; the budget is reached at step "
         f"{plan['target_reached_step']} of {s['finetune_iters']} "
