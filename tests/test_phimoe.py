@@ -456,26 +456,10 @@ def test_recipe_flags_are_the_converters():
         assert same(recipe.get(flag), value), (flag, recipe.get(flag))
 
 
-# Flags the tiny runs replace: sizes (from the tiny model's model.args), the layout, the run's
-# length and batch, data, and what CPU cannot run (grouped GEMM needs Transformer Engine; fp32).
 def _tiny_recipe_argv(base, replace):
-    import shlex
+    from tests.recipes import tiny_recipe_argv
 
-    from tests.test_hf_import import LAYOUT_FLAGS, SIZE_FLAGS, _flags
-
-    tiny = _flags(open(os.path.join(base, "model.args")).read().splitlines())
-    argv = []
-    for line in open(_recipe()).read().splitlines():
-        argv += shlex.split(line.split("#", 1)[0])
-    recipe = _flags([shlex.join(argv)])
-    drop = set(SIZE_FLAGS) | set(LAYOUT_FLAGS) | set(replace) | {
-        "--moe-grouped-gemm", "--bf16", "--lr-warmup-fraction"}
-    keep = {f: v for f, v in recipe.items() if f not in drop}
-    sizes = {f: v for f, v in tiny.items() if f in SIZE_FLAGS}
-    out = []
-    for flag, values in {**keep, **sizes, **replace}.items():
-        out += [flag] + (values if isinstance(values, list) else [values])
-    return out
+    return tiny_recipe_argv(_recipe(), base, replace)
 
 
 def _recipe_shaped_model(path):
@@ -526,16 +510,9 @@ def test_recipe_trains_with_growth_and_exports(tmp_path):
     make_tokenizer(hf_dir)
     base, ckpt = str(tmp_path / "base"), str(tmp_path / "ckpt")
     convert(hf_dir, base, log=lambda s: None)
-    replace = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
-               "--expert-model-parallel-size": "2", "--expert-tensor-parallel-size": "1",
-               "--seq-length": str(SEQ), "--micro-batch-size": "2", "--global-batch-size": "8",
-               "--train-iters": "8", "--lr-warmup-iters": "2", "--drlora-grow-interval": "2",
-               "--drlora-grow-buffer": "1", "--data-path": [], "--split": [],
-               "--mock-data": [], "--tokenizer-model": hf_dir, "--eval-iters": "0",
-               "--log-interval": "1", "--save-interval": "4", "--lr": "1e-3",
-               "--pretrained-checkpoint": base, "--save": ckpt, "--load": ckpt}
-    argv = ["@" + str(REPO / "examples" / "cpu.args")] + [
-        a for a in _tiny_recipe_argv(base, replace) if a not in ("--data-path", "--split")]
+    from tests.recipes import training_argv
+
+    argv = training_argv(_recipe(), base, ckpt, hf_dir, SEQ, nproc=2)
     torchrun(2, argv, timeout=900)
     grown = events(tmp_path / "ckpt")
     assert [e["iteration"] for e in grown] == [2, 4, 6]

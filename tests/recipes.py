@@ -1,0 +1,44 @@
+"""The paper's recipe files (examples/recipes/*.args) at tiny size, for the tests that run them.
+
+A recipe's flags with only what a tiny CPU run must replace: the sizes (from the converted tiny
+model's model.args), the layout, the run's length and batch, the data, and what CPU cannot run
+(grouped GEMM needs Transformer Engine; the tests run in fp32)."""
+
+import os
+import shlex
+
+from tests.dist_harness import REPO
+
+
+def tiny_recipe_argv(recipe, base, replace):
+    from tests.test_hf_import import LAYOUT_FLAGS, SIZE_FLAGS, _flags
+
+    tiny = _flags(open(os.path.join(base, "model.args")).read().splitlines())
+    argv = []
+    for line in open(recipe).read().splitlines():
+        argv += shlex.split(line.split("#", 1)[0])
+    recipe_flags = _flags([shlex.join(argv)])
+    drop = set(SIZE_FLAGS) | set(LAYOUT_FLAGS) | set(replace) | {
+        "--moe-grouped-gemm", "--bf16", "--lr-warmup-fraction"}
+    keep = {f: v for f, v in recipe_flags.items() if f not in drop}
+    sizes = {f: v for f, v in tiny.items() if f in SIZE_FLAGS}
+    out = []
+    for flag, values in {**keep, **sizes, **replace}.items():
+        out += [flag] + (values if isinstance(values, list) else [values])
+    return out
+
+
+def training_argv(recipe, base, ckpt, hf_dir, seq, nproc):
+    """examples/pretrain_gpt.py flags: the recipe on mock data for 8 iterations with growth
+    at 2, 4, 6 (r_init, r_max and the other DR-LoRA settings stay the recipe's) on `nproc`
+    processes (EP = nproc)."""
+    replace = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
+               "--expert-model-parallel-size": str(nproc), "--expert-tensor-parallel-size": "1",
+               "--seq-length": str(seq), "--micro-batch-size": "2", "--global-batch-size": "8",
+               "--train-iters": "8", "--lr-warmup-iters": "2", "--drlora-grow-interval": "2",
+               "--drlora-grow-buffer": "1", "--data-path": [], "--split": [],
+               "--mock-data": [], "--tokenizer-model": hf_dir, "--eval-iters": "0",
+               "--log-interval": "1", "--save-interval": "4", "--lr": "1e-3",
+               "--pretrained-checkpoint": base, "--save": ckpt, "--load": ckpt}
+    return ["@" + str(REPO / "examples" / "cpu.args")] + [
+        a for a in tiny_recipe_argv(recipe, base, replace) if a not in ("--data-path", "--split")]
