@@ -30,13 +30,17 @@ class MoEModelArgs:
     num_experts: int = 4
     moe_ffn_hidden_size: Optional[int] = None
     moe_router_topk: int = 2
-    moe_layer_freq: int = 1
+    moe_layer_freq: object = 1  # int, or a list of 0 (dense) / 1 (MoE) per layer
     moe_token_dispatcher_type: str = "alltoall"
     moe_grouped_gemm: bool = False
     moe_aux_loss_coeff: float = 0.0
     moe_router_load_balancing_type: str = "aux_loss"
     moe_router_pre_softmax: bool = False
     moe_router_score_function: str = "softmax"
+    moe_router_enable_expert_bias: bool = False
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
     qk_layernorm: bool = False
     # "head": Megatron's per-head q/k norm (Qwen3-MoE); "projection": one norm over the whole
     # q/k projection (OLMoE), see projection_qk_norm.py.
@@ -49,6 +53,7 @@ class MoEModelArgs:
     normalization: str = "RMSNorm"
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
+    rotary_percent: float = 1.0
     vocab_size: int = 128
     seq_length: int = 32
     untie_embeddings_and_output_weights: bool = True
@@ -89,13 +94,18 @@ class MoEModelArgs:
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_router_pre_softmax=args.moe_router_pre_softmax,
             moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_num_groups=args.moe_router_num_groups,
+            moe_router_group_topk=args.moe_router_group_topk,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
             qk_layernorm=args.qk_layernorm, qk_layernorm_scope=args.qk_layernorm_scope,
             add_qkv_bias=args.add_qkv_bias, kv_channels=args.kv_channels,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=args.moe_shared_expert_gate, swiglu=args.swiglu,
             normalization=args.normalization, layernorm_epsilon=args.layernorm_epsilon,
             position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-            vocab_size=vocab_size, seq_length=args.max_position_embeddings or args.seq_length,
+            rotary_percent=args.rotary_percent, vocab_size=vocab_size,
+            seq_length=args.max_position_embeddings or args.seq_length,
             untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -143,6 +153,10 @@ def transformer_config(args: MoEModelArgs):
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_score_function=args.moe_router_score_function,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
         qk_layernorm=args.qk_layernorm,
         add_qkv_bias=args.add_qkv_bias,
         kv_channels=args.kv_channels,
@@ -233,6 +247,7 @@ def build_gpt_moe(args: MoEModelArgs, config=None) -> List[torch.nn.Module]:
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             position_embedding_type=args.position_embedding_type,
             rotary_base=args.rotary_base,
+            rotary_percent=args.rotary_percent,
             vp_stage=stage,
         )
         from megatron_drlora.model_features import adjust_model

@@ -15,15 +15,16 @@ import os
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-# Phi-MoE is tested in tests/test_phimoe.py (LayerNorm, biases, sparsemixer, sliding window).
-ALL_FAMILIES = FAMILIES + ("phimoe",)
+# Phi-MoE is tested in tests/test_phimoe.py (LayerNorm, biases, sparsemixer, sliding window),
+# GLM-4.5 in tests/test_glm4_moe.py (partial RoPE, dense first layer, sigmoid router).
+ALL_FAMILIES = FAMILIES + ("phimoe", "glm4_moe")
 VOCAB = 100
 SEQ = 16
 
 
 def hf_config(family: str, **overrides):
-    from transformers import (MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
-                              Qwen3MoeConfig)
+    from transformers import (Glm4MoeConfig, MixtralConfig, OlmoeConfig, PhimoeConfig,
+                              Qwen2MoeConfig, Qwen3MoeConfig)
 
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
@@ -43,6 +44,13 @@ def hf_config(family: str, **overrides):
         cfg = dict(intermediate_size=24, num_local_experts=4, attention_bias=True,
                    lm_head_bias=True, router_jitter_noise=0.2, input_jitter_noise=0.01)
         cls = PhimoeConfig
+    elif family == "glm4_moe":  # 3 layers: one dense, two MoE; 8 experts in 4 groups, top-4
+        cfg = dict(num_hidden_layers=3, head_dim=16, intermediate_size=48,
+                   moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+                   num_experts_per_tok=4, first_k_dense_replace=1, partial_rotary_factor=0.5,
+                   attention_bias=True, use_qk_norm=True, n_group=4, topk_group=2,
+                   routed_scaling_factor=1.5, norm_topk_prob=True, num_nextn_predict_layers=0)
+        cls = Glm4MoeConfig
     else:
         cfg = dict(intermediate_size=24, num_experts=4, norm_topk_prob=False)
         cls = OlmoeConfig
@@ -62,6 +70,9 @@ def randomize(model, seed: int = 0) -> None:
             p.copy_(0.1 * noise)
         else:
             p.copy_(0.15 * noise)
+    for name, b in sorted(model.named_buffers()):  # GLM-4.5's router bias is a buffer
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 def make_hf_model(family: str, path: str, seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -18,6 +18,7 @@ shift 3
 case "$recipe" in
   olmoe) args_file=examples/recipes/olmoe_1b_7b_drlora.args; name=drlora-olmoe-1b-7b ;;
   phi)   args_file=examples/recipes/phi_mini_moe_drlora.args; name=drlora-phi-mini-moe ;;
+  glm45-air) args_file=examples/recipes/glm45_air_drlora.args; name=drlora-glm45-air ;;
   *) echo "$0: unknown recipe '$recipe' (olmoe or phi)" >&2; usage ;;
 esac
 [ -d "$base" ] || { echo "$0: BASE_CKPT '$base' is not a directory (the converter's --save)" >&2; exit 2; }

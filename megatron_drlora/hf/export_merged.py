@@ -47,8 +47,12 @@ class MegatronBaseSource:
 
     def layer(self, layer: int) -> Dict[str, torch.Tensor]:
         out = {}
-        for key, t in self.ckpt.load(self.layer_keys, layer=layer).items():
+        stacked = [k for k in self.layer_keys if mapping.numbered_layer(k) is None]
+        for key, t in self.ckpt.load(stacked, layer=layer).items():
             out.update(mapping.hf_tensors(key, t, layer, self.names))
+        own = [k for k in self.layer_keys if mapping.numbered_layer(k) == layer]
+        for key, t in self.ckpt.load(own).items():  # per-layer keys (dense first layers)
+            out.update(mapping.hf_tensors(mapping.canonical(key), t, layer, self.names))
         return out
 
 
@@ -106,6 +110,9 @@ def export_merged(adapters: AdapterCheckpoint, hf: HFCheckpoint, desc: ModelDesc
         router = adapters.router(layer)
         if router is not None:
             tensors[names.router(layer)] = router
+        bias = adapters.expert_bias(layer)
+        if bias is not None:
+            tensors[names.expert_bias(layer)] = bias
         if layer in adapted:
             merge_layer(tensors, names, layer, adapters)
         for name in mapping.order_hf_layer(names, layer, tensors):

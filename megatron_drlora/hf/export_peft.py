@@ -179,12 +179,8 @@ def export_peft(adapters: AdapterCheckpoint, hf_path: str, desc: ModelDescriptio
         first = next(iter(pattern.values()))
         config = LoraConfig(r=first, lora_alpha=first, target_modules=target_regex,
                             rank_pattern=pattern, alpha_pattern=dict(pattern), **common)
-    if adapters.router_trained:
-        module = names.router_module  # mlp.gate; Phi-MoE: mlp.router (transformers 5)
-        config.modules_to_save = [module]
-        for layer in range(desc.num_layers):
-            router = adapters.router(layer)
-            tensors[f"{PREFIX}model.layers.{layer}.{module}.weight"] = router.float()
+    if adapters.router_trained or desc.router_expert_bias:
+        _save_routers(adapters, hf_path, desc, names, config, tensors)
     save_file(dict(tensors), os.path.join(save, "adapter_model.safetensors"),
               metadata={"format": "pt"})
     config.save_pretrained(save)
@@ -195,6 +191,27 @@ def export_peft(adapters: AdapterCheckpoint, hf_path: str, desc: ModelDescriptio
         f"{', trained router in modules_to_save' if adapters.router_trained else ''}; exact "
         f"per-expert ranks in {RANK_MAP_FILE}")
     return summary
+
+
+def _save_routers(adapters, hf_path, desc, names, config, tensors) -> None:
+    """The router modules as `modules_to_save`: a trained router's weight and (GLM-4.5) the
+    expert bias as training left it, with the base's router weight where it was frozen."""
+    from megatron_drlora.hf.checkpoint_io import HFCheckpoint
+
+    module = names.router_module  # mlp.gate; Phi-MoE: mlp.router (transformers 5)
+    config.modules_to_save = [module]
+    hf = None if adapters.router_trained else HFCheckpoint(hf_path)
+    for layer in range(desc.num_layers):
+        if not desc.is_moe_layer(layer):
+            continue
+        prefix = f"{PREFIX}model.layers.{layer}.{module}"
+        router = adapters.router(layer) if hf is None else hf.get(names.router(layer))
+        tensors[f"{prefix}.weight"] = router.float()
+        bias = adapters.expert_bias(layer) if desc.router_expert_bias else None
+        if bias is None and desc.router_expert_bias:
+            bias = (hf or HFCheckpoint(hf_path)).get(names.expert_bias(layer))
+        if bias is not None:
+            tensors[f"{prefix}.e_score_correction_bias"] = bias.float()
 
 
 def write_rank_map(adapters: AdapterCheckpoint, desc: ModelDescription, path: str,

@@ -28,10 +28,10 @@ from typing import Dict, List, Optional
 
 from megatron_drlora.hf.common import HFInteropError
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "phimoe": "PhimoeForCausalLM"}
+                 "phimoe": "PhimoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 @dataclass
@@ -67,6 +67,25 @@ class ModelDescription:
     router_jitter_eps: float = 0.0
     input_jitter_eps: float = 0.0  # training only: the MoE input scaled by uniform noise
     sliding_window: Optional[int] = None
+    # GLM-4.5 (megatron_drlora.hf.glm4_moe): partial RoPE, first dense layers, sigmoid router
+    # with expert bias, group-limited top-k, scaled weights, MTP layers skipped.
+    rotary_percent: float = 1.0
+    first_dense_layers: int = 0
+    router_score: str = "softmax"
+    router_expert_bias: bool = False
+    router_num_groups: Optional[int] = None
+    router_group_topk: Optional[int] = None
+    router_scaling: Optional[float] = None
+    mtp_layers: int = 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense_layers
+
+    @property
+    def moe_layer_freq(self):
+        if not self.first_dense_layers:
+            return 1
+        return [0] * self.first_dense_layers + [1] * (self.num_layers - self.first_dense_layers)
 
     @property
     def router_pre_softmax(self) -> bool:
@@ -97,6 +116,12 @@ class ModelDescription:
             add_attention_output_bias=self.attention_output_bias,
             add_output_layer_bias=self.lm_head_bias, window_size=self.window_size,
             moe_layer_input_jitter_eps=self.input_jitter_eps,
+            rotary_percent=self.rotary_percent, moe_layer_freq=self.moe_layer_freq,
+            moe_router_score_function=self.router_score,
+            moe_router_enable_expert_bias=self.router_expert_bias,
+            moe_router_num_groups=self.router_num_groups,
+            moe_router_group_topk=self.router_group_topk,
+            moe_router_topk_scaling_factor=self.router_scaling,
             swiglu=True, normalization=self.normalization, layernorm_epsilon=self.norm_epsilon,
             position_embedding_type="rope", rotary_base=self.rope_theta,
             vocab_size=padded_vocab, seq_length=self.max_position_embeddings,
@@ -118,8 +143,20 @@ class ModelDescription:
                 f.append("--qk-layernorm-scope projection")
         f += [f"--ffn-hidden-size {self.ffn_hidden_size}", f"--num-experts {self.num_experts}",
               f"--moe-router-topk {self.topk}", f"--moe-ffn-hidden-size {self.moe_ffn_hidden_size}"]
-        if self.router_pre_softmax:
+        if self.router_pre_softmax and self.router_score == "softmax":
             f.append("--moe-router-pre-softmax")
+        if self.first_dense_layers:
+            f.append(f"--moe-layer-freq [0]*{self.first_dense_layers}+[1]*"
+                     f"{self.num_layers - self.first_dense_layers}")
+        if self.router_score != "softmax":
+            f.append(f"--moe-router-score-function {self.router_score}")
+        if self.router_expert_bias:
+            f.append("--moe-router-enable-expert-bias")
+        if self.router_num_groups:
+            f += [f"--moe-router-num-groups {self.router_num_groups}",
+                  f"--moe-router-group-topk {self.router_group_topk}"]
+        if self.router_scaling:
+            f.append(f"--moe-router-topk-scaling-factor {self.router_scaling!r}")
         if self.router_type != "topk":
             f += [f"--moe-router-type {self.router_type}",
                   f"--moe-sparsemixer-jitter-eps {self.router_jitter_eps!r}"]
@@ -132,6 +169,8 @@ class ModelDescription:
         f += ["--swiglu", f"--normalization {self.normalization}",
               f"--norm-epsilon {self.norm_epsilon!r}",
               "--position-embedding-type rope", f"--rotary-base {self.rope_theta}",
+              *([f"--rotary-percent {self.rotary_percent!r}"] if self.rotary_percent != 1.0
+                else []),
               f"--max-position-embeddings {self.max_position_embeddings}",
               "--disable-bias-linear", f"--vocab-size {self.vocab_size}"]
         if not self.tie_word_embeddings:
@@ -170,7 +209,7 @@ def describe(config, path: str = "") -> ModelDescription:
 
     if get("hidden_act", "silu") != "silu":
         refuse("hidden_act", get("hidden_act"), "the experts must be SwiGLU (silu)")
-    _check_rope(get, refuse)
+    _check_rope(get, refuse, partial_ok=family == "glm4_moe")
     _check_attention_window(family, get, refuse)
     num_layers = int(get("num_hidden_layers"))
     if family in ("qwen2_moe", "qwen3_moe"):
@@ -214,15 +253,22 @@ def describe(config, path: str = "") -> ModelDescription:
     theta = params.get("rope_theta", get("rope_theta", 10000.0))
     if float(theta) != int(float(theta)):
         refuse("rope_theta", theta, "--rotary-base takes an integer")
-    if family == "phimoe":
-        from megatron_drlora.hf.phimoe import describe_phimoe
-
-        return describe_phimoe(get, refuse, dict(
+    common = None
+    if family in ("phimoe", "glm4_moe"):
+        common = dict(
             family=family, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
             num_query_groups=groups, head_dim=head_dim, vocab_size=int(get("vocab_size")),
             rope_theta=int(float(theta)),
             max_position_embeddings=int(get("max_position_embeddings")),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False))))
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)))
+    if family == "phimoe":
+        from megatron_drlora.hf.phimoe import describe_phimoe
+
+        return describe_phimoe(get, refuse, common)
+    if family == "glm4_moe":
+        from megatron_drlora.hf.glm4_moe import describe_glm4_moe
+
+        return describe_glm4_moe(get, refuse, common)
     return ModelDescription(
         family=family, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
         num_query_groups=groups, head_dim=head_dim, vocab_size=int(get("vocab_size")),
@@ -236,7 +282,7 @@ def describe(config, path: str = "") -> ModelDescription:
         shared_expert_ffn=shared_ffn, shared_expert_gate=family == "qwen2_moe")
 
 
-def _check_rope(get, refuse) -> None:
+def _check_rope(get, refuse, partial_ok: bool = False) -> None:
     params = get("rope_parameters", None) or {}
     scaling = get("rope_scaling", None) or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
@@ -248,7 +294,7 @@ def _check_rope(get, refuse) -> None:
                "RoPE (linear, dynamic, yarn, llama3, ...) is not implemented in this Megatron "
                "model")
     partial = params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
+    if partial not in (None, 1, 1.0) and not partial_ok:
         refuse("partial_rotary_factor", partial, "partial rotary embeddings")
 
 
@@ -307,7 +353,14 @@ class HFNames:
         return self.layer(layer, f"mlp.experts.{which}")  # gate_up_proj / down_proj
 
     def shared(self, layer: int, proj: str) -> str:
-        return self.layer(layer, f"mlp.shared_expert.{proj}_proj.weight")
+        module = "shared_experts" if self.desc.family == "glm4_moe" else "shared_expert"
+        return self.layer(layer, f"mlp.{module}.{proj}_proj.weight")
+
+    def dense(self, layer: int, proj: str) -> str:
+        return self.layer(layer, f"mlp.{proj}_proj.weight")
+
+    def expert_bias(self, layer: int) -> str:
+        return self.layer(layer, f"{self.router_module}.e_score_correction_bias")
 
     def shared_gate(self, layer: int) -> str:
         return self.layer(layer, "mlp.shared_expert_gate.weight")
@@ -326,7 +379,11 @@ class HFNames:
             names.append(self.attn(layer, "o_proj", "bias"))
         if d.qk_norm != "none":
             names += [self.attn(layer, "q_norm"), self.attn(layer, "k_norm")]
+        if not d.is_moe_layer(layer):
+            return names + [self.dense(layer, p) for p in ("gate", "up", "down")]
         names.append(self.router(layer))
+        if d.router_expert_bias:
+            names.append(self.expert_bias(layer))
         if self.style == "fused":
             names += [self.fused(layer, "gate_up_proj"), self.fused(layer, "down_proj")]
         else:
@@ -349,6 +406,13 @@ class HFNames:
             names.append(self.lm_head_bias)
         return names
 
+    def mtp_names(self, have) -> set:
+        """The names of `have` in the multi-token-prediction layers (GLM-4.5 stores them as
+        layers L .. L+n-1 after the L decoder layers)."""
+        d = self.desc
+        prefixes = tuple(f"model.layers.{d.num_layers + i}." for i in range(d.mtp_layers))
+        return {n for n in have if prefixes and n.startswith(prefixes)}
+
     def all_names(self) -> List[str]:
         names = self.global_names()
         for layer in range(self.desc.num_layers):
@@ -359,5 +423,5 @@ class HFNames:
 def detect_style(names, desc: ModelDescription) -> str:
     """'fused' when the checkpoint stores transformers-5 fused expert tensors, else
     'per_expert'."""
-    fused = HFNames(desc, "fused").fused(0, "gate_up_proj")
+    fused = HFNames(desc, "fused").fused(desc.first_dense_layers, "gate_up_proj")
     return "fused" if fused in set(names) else "per_expert"

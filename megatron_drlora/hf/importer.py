@@ -123,10 +123,17 @@ def hub_id_of(config_dict: Dict) -> Optional[str]:
     return name if looks_like_hub_id(name) else None
 
 
-def check_names(hf: HFCheckpoint, names: HFNames) -> None:
-    """Every tensor the mapping needs is there, and nothing in the checkpoint is left out."""
+def check_names(hf: HFCheckpoint, names: HFNames, log=print) -> None:
+    """Every tensor the mapping needs is there, and nothing in the checkpoint is left out
+    (except multi-token-prediction layers, which transformers does not run either)."""
     expected = names.all_names()
     have = set(hf.names())
+    mtp = names.mtp_names(have)
+    if mtp:
+        log(f"> note: skipping {names.desc.mtp_layers} multi-token-prediction layer(s) "
+            f"(num_nextn_predict_layers, {len(mtp)} tensors from model.layers."
+            f"{names.desc.num_layers}.*): not part of the causal LM; not converted or exported")
+        have -= mtp
     missing = [n for n in expected if n not in have]
     ignorable = ("rotary_emb.inv_freq",)
     extra = sorted(n for n in have - set(expected) if not n.endswith(ignorable))
@@ -160,12 +167,11 @@ def fill_from_hf(state: Dict, hf: HFCheckpoint, names: HFNames, padded_vocab: in
         if not torch.is_tensor(sh.data):
             continue
         stacked, index = _local_index(sh)
-        layer = sh.global_offset[0] if mapping.is_layer_key(sh.key) and stacked else None
-        expert = sh.global_offset[1] if mapping.is_expert_key(sh.key) else None
-        ident = (sh.key, layer, expert)
+        key, layer, expert = mapping.locate(sh.key, sh.global_offset, stacked)
+        ident = (key, layer, expert)
         if ident not in cache:
             cache.clear()  # one tensor at a time (fc1 halves share one entry)
-            cache[ident] = mapping.megatron_tensor(sh.key, layer, expert, hf.get,
+            cache[ident] = mapping.megatron_tensor(key, layer, expert, hf.get,
                                                    experts, names, padded_vocab)
         full = cache[ident]
         want = tuple(sh.global_shape[stacked:])
@@ -198,7 +204,7 @@ def convert(hf_path: str, save: str, tensor_model_parallel_size: int = 1,
     desc = describe(hf.hf_config(), hf_path)
     hf.require_weights()
     names = HFNames(desc, detect_style(hf.names(), desc))
-    check_names(hf, names)
+    check_names(hf, names, log)
     if dtype is not None and dtype not in DTYPES:
         raise HFInteropError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     from megatron_drlora.checkpoint import TRACKER, iteration_dir

@@ -11,6 +11,8 @@ Layout facts this mapping encodes:
   ([q_g0 .. q_g(n-1), k_g, v_g] for every g), the same for the qkv bias;
 - fc1 of a gated expert (and of the shared expert) is [gate; up] (gate rows first);
 - the shared expert's sigmoid gate is `mlp.shared_experts.gate_weight` [1, H];
+- a dense layer's fc1 (GLM-4.5's first layers) is [gate; up] too; the sigmoid router's expert
+  bias is `mlp.router.expert_bias` [E] (HF `e_score_correction_bias`);
 - the vocabulary is padded with zero rows (as pretrain_gpt.py pads it), dropped on export;
 - a layer norm fused into the next linear in Megatron's naming (`linear_qkv.layer_norm_weight`,
   `linear_fc1.layer_norm_weight`) is HF's input / post-attention layer norm; LayerNorm biases
@@ -19,6 +21,7 @@ Layout facts this mapping encodes:
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -38,6 +41,9 @@ K_NORM = "self_attention.k_layernorm.weight"
 MLP_NORM = ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 MLP_NORM_BIAS = ("mlp.linear_fc1.layer_norm_bias", "pre_mlp_layernorm.bias")
 ROUTER = "mlp.router.weight"
+EXPERT_BIAS = "mlp.router.expert_bias"
+DENSE_FC1 = "mlp.linear_fc1.weight"
+DENSE_FC2 = "mlp.linear_fc2.weight"
 EXPERT_FC1 = "mlp.experts.experts.linear_fc1.weight"
 EXPERT_FC2 = "mlp.experts.experts.linear_fc2.weight"
 SHARED_FC1 = "mlp.shared_experts.linear_fc1.weight"
@@ -61,6 +67,34 @@ def layer_suffix(key: str) -> str:
 
 def is_expert_key(key: str) -> bool:
     return is_layer_key(key) and layer_suffix(key) in EXPERT_KEYS
+
+
+NUMBERED = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def numbered_layer(key: str) -> Optional[int]:
+    """The layer of a per-layer key `decoder.layers.L.<suffix>` (what Megatron saves when the
+    layers differ, e.g. `--moe-layer-freq` as a list), None for a layer-stacked key."""
+    m = NUMBERED.match(key)
+    return int(m.group(1)) if m else None
+
+
+def canonical(key: str) -> str:
+    """`decoder.layers.L.<suffix>` -> `decoder.layers.<suffix>`; other keys unchanged."""
+    m = NUMBERED.match(key)
+    return LAYER_PREFIX + m.group(2) if m else key
+
+
+def locate(key: str, global_offset, stacked: int):
+    """(canonical key, layer, expert) of a ShardedTensor with `stacked` prepended dims."""
+    layer = numbered_layer(key)
+    if layer is not None:
+        key = canonical(key)
+        expert = global_offset[0] if is_expert_key(key) and stacked else None
+        return key, layer, expert
+    layer = global_offset[0] if is_layer_key(key) and stacked else None
+    expert = global_offset[1] if is_expert_key(key) else None
+    return key, layer, expert
 
 
 # --- qkv layout ---------------------------------------------------------------------------
@@ -153,6 +187,12 @@ def megatron_tensor(key: str, layer: Optional[int], expert: Optional[int],
         return get(n.attn(L, "k_norm"))
     if s == ROUTER:
         return get(n.router(L))
+    if s == EXPERT_BIAS:
+        return get(n.expert_bias(L))
+    if s == DENSE_FC1:
+        return torch.cat([get(n.dense(L, "gate")), get(n.dense(L, "up"))])
+    if s == DENSE_FC2:
+        return get(n.dense(L, "down"))
     if s == EXPERT_FC1:
         return torch.cat([experts(L, expert, "gate"), experts(L, expert, "up")])
     if s == EXPERT_FC2:
@@ -207,6 +247,13 @@ def hf_tensors(key: str, tensor: torch.Tensor, layer: Optional[int], names: HFNa
         return {n.attn(L, "k_norm"): tensor}
     if s == ROUTER:
         return {n.router(L): tensor}
+    if s == EXPERT_BIAS:
+        return {n.expert_bias(L): tensor}
+    if s == DENSE_FC1:
+        inter = d.ffn_hidden_size
+        return {n.dense(L, "gate"): tensor[:inter], n.dense(L, "up"): tensor[inter:]}
+    if s == DENSE_FC2:
+        return {n.dense(L, "down"): tensor}
     if s == EXPERT_FC1:
         inter = d.moe_ffn_hidden_size
         if n.style == "fused":

@@ -57,6 +57,26 @@ class DistCheckpoint:
     def keys(self) -> List[str]:
         return list(self.meta)
 
+    def has_layer_tensor(self, suffix: str) -> bool:
+        """A layer-stacked `decoder.layers.<suffix>` or a per-layer `decoder.layers.L.<suffix>`
+        (Megatron's keys when the layers differ, e.g. dense first layers)."""
+        return self.layer_key(suffix) is not None or any(
+            k.startswith("decoder.layers.") and k.split(".", 3)[-1] == suffix
+            and k.split(".")[2].isdigit() for k in self.meta)
+
+    def layer_key(self, suffix: str, layer: Optional[int] = None) -> Optional[str]:
+        """The key holding `suffix` of `layer` (None: the layer-stacked key), None if absent."""
+        key = f"decoder.layers.{suffix}" if layer is None else f"decoder.layers.{layer}.{suffix}"
+        return key if key in self.meta else None
+
+    def layer_tensor(self, suffix: str, layer: int) -> Optional[torch.Tensor]:
+        """`suffix` of one layer from a stacked or a per-layer key; None if that layer has none."""
+        stacked = self.layer_key(suffix)
+        if stacked is not None:
+            return self.load([stacked], layer=layer)[stacked]
+        key = self.layer_key(suffix, layer)
+        return None if key is None else self.load([key])[key]
+
     def load(self, keys: Iterable[str], layer: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Whole tensors, or with `layer` the [layer] slice of layer-stacked tensors."""
         from megatron.core import dist_checkpointing
@@ -128,7 +148,7 @@ class AdapterCheckpoint(DistCheckpoint):
         if int(self.rank_map.min()) < 0 or int(self.rank_map.max()) > self.r_max:
             raise HFInteropError(f"{flag} {self.path}: rank map values outside [0, r_max="
                                  f"{self.r_max}]")
-        self.router_trained = self.has("decoder.layers.mlp.router.weight")
+        self.router_trained = self.has_layer_tensor("mlp.router.weight")
 
     @property
     def scale(self) -> float:
@@ -150,8 +170,12 @@ class AdapterCheckpoint(DistCheckpoint):
     def router(self, layer: int) -> Optional[torch.Tensor]:
         if not self.router_trained:
             return None
-        return self.load(["decoder.layers.mlp.router.weight"], layer=layer)[
-            "decoder.layers.mlp.router.weight"]
+        return self.layer_tensor("mlp.router.weight", layer)  # None: a dense layer
+
+    def expert_bias(self, layer: int) -> Optional[torch.Tensor]:
+        """The sigmoid router's expert bias as training left it (Megatron updates it even with
+        the router frozen), None without one or in a dense layer."""
+        return self.layer_tensor("mlp.router.expert_bias", layer)
 
     def check_against(self, desc) -> None:
         """Adapter shapes, expert and layer counts against the HF model description."""
@@ -187,16 +211,24 @@ def check_base_against(base: DistCheckpoint, desc, padded_vocab: Optional[int] =
     if base.kind != "full":
         raise HFInteropError(f"{where}: holds DR-LoRA adapters, not a base model")
     router = "decoder.layers." + m.ROUTER
-    if not base.has(router):
+    if not base.has_layer_tensor(m.ROUTER):
         raise HFInteropError(f"{where}: no MoE router ({router}); not an MoE base?")
-    layers, experts, hidden = base.shape(router)
+    if base.has(router):
+        layers, experts, hidden = base.shape(router)
+    else:  # per-layer keys (dense first layers): the last layer is an MoE layer
+        last = base.layer_key(m.ROUTER, desc.num_layers - 1)
+        if last is None:
+            raise HFInteropError(f"{where}: no MoE router in layer {desc.num_layers - 1}; the HF "
+                                 f"model has {desc.num_layers} layers: they do not match")
+        layers, (experts, hidden) = desc.num_layers, base.shape(last)
     if (layers, experts, hidden) != (desc.num_layers, desc.num_experts, desc.hidden_size):
         raise HFInteropError(f"{where}: the base has {layers} layers x {experts} experts, hidden "
                              f"{hidden}; the HF model has {desc.num_layers} x {desc.num_experts}, "
                              f"hidden {desc.hidden_size}: they do not match")
-    fc1 = base.shape("decoder.layers." + m.EXPERT_FC1)
-    if fc1[2] != 2 * desc.moe_ffn_hidden_size:
-        raise HFInteropError(f"{where}: expert fc1 has {fc1[2]} rows, the HF model's experts "
+    fc1_key = base.layer_key(m.EXPERT_FC1) or base.layer_key(m.EXPERT_FC1, desc.num_layers - 1)
+    fc1 = base.shape(fc1_key)
+    if fc1[-2] != 2 * desc.moe_ffn_hidden_size:
+        raise HFInteropError(f"{where}: expert fc1 has {fc1[-2]} rows, the HF model's experts "
                              f"need 2 x {desc.moe_ffn_hidden_size}")
     features = {"q/k norms (qk_layernorm)": (m.Q_NORM, desc.qk_norm != "none"),
                 "qkv biases": (m.QKV_BIAS, desc.qkv_bias),
@@ -205,7 +237,7 @@ def check_base_against(base: DistCheckpoint, desc, padded_vocab: Optional[int] =
                 "LayerNorm biases": (m.ATTN_NORM_BIAS, desc.normalization == "LayerNorm")}
     for what, (suffixes, wanted) in features.items():
         suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
-        if any(base.has("decoder.layers." + s) for s in suffixes) != wanted:
+        if any(base.has_layer_tensor(s) for s in suffixes) != wanted:
             raise HFInteropError(f"{where}: the base {'lacks' if wanted else 'has'} {what}, the "
                                  f"HF model ({desc.family}) {'has' if wanted else 'does not'}: "
                                  f"they do not match")
