@@ -239,8 +239,9 @@ class Benchmark:
         later = [("uniform_flops", s) for s in seeds if "uniform_flops" in args.variants]
         records: Dict = {}
         pending = {}
+        queue = first + rest
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            def submit(variant, seed):
+            def submit(variant, seed) -> None:
                 flags = self.flags(variant, seed)
                 hit = self.cached(variant, seed, flags)
                 if hit is not None:
@@ -251,15 +252,17 @@ class Benchmark:
                 pending[pool.submit(self.train_job, variant, seed, flags)] = (variant, seed,
                                                                                flags)
 
-            for item in first + rest:
-                submit(*item)
             while True:
                 if later and all((v, s) in records for v, s in first):
                     self.match_flops([records[k] for k in first])
-                    for item in later:
-                        submit(*item)
+                    queue = later + queue  # the FLOPs-matched runs next
                     later = []
+                # at most `jobs` runs queued in the pool, so the order above holds
+                while queue and len(pending) < max(1, args.jobs):
+                    submit(*queue.pop(0))
                 if not pending:
+                    if queue or later:
+                        continue
                     break
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for future in done:
