@@ -426,6 +426,12 @@ def test_recipe_trains_with_growth_and_exports(tmp_path):
                     "--save", tmp_path / fmt, "--verify"], timeout=600)
         assert "> verified" in out, out[-2000:]
         print(fmt, [line for line in out.splitlines() if "> verified" in line])
+    from safetensors import safe_open
+
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"  # Megatron's update: 6 x 1e-3
+    moved = (safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt").get_tensor(bias)
+             - safe_open(os.path.join(hf_dir, "model.safetensors"), "pt").get_tensor(bias))
+    assert moved.abs().max() > 1e-3
 
 
 def test_recipe_submit_script(tmp_path):
