@@ -301,6 +301,41 @@ def test_peft_export_matches_megatron(glm_run):
     assert diff < TOL, f"peft: {diff}"
 
 
+def test_fused_checkpoint_imports_and_exports_in_its_style(glm_run, tmp_path):
+    """A checkpoint in transformers 5's in-memory names (the model's own state_dict:
+    mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj) converts to the same model, and
+    a merged export keeps that style and equals the Megatron model."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.exporter import export
+    from megatron_drlora.hf.importer import convert
+
+    fused = tmp_path / "fused"
+    shutil.copytree(glm_run["hf"], fused)
+    model = AutoModelForCausalLM.from_pretrained(glm_run["hf"], dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    convert(str(fused), str(tmp_path / "base"), log=lambda s: None)
+    margs = verify.model_args_from_file(str(tmp_path / "base" / "model.args"), SEQ)
+    chunks, _ = verify.build_megatron(margs, str(tmp_path / "base"))
+    t = tokens()
+    diff = verify.max_abs_diff(verify.megatron_logits(chunks, t, VOCAB),
+                               verify.hf_logits(glm_run["hf"], t))
+    assert diff < TOL, diff
+    save = str(tmp_path / "merged")
+    export(glm_run["adapters"], str(fused), "merged", save, log=lambda s: None)
+    names = set(safe_open(os.path.join(save, "model.safetensors"), "pt").keys())
+    assert "model.layers.1.mlp.experts.gate_up_proj" in names
+    diff = verify.max_abs_diff(verify.hf_logits(save, t), glm_run["logits"])
+    assert diff < TOL, diff
+
+
 # --- the recipe and the converter --------------------------------------------------------------
 GLM_FLAGS = {"--moe-router-enable-expert-bias", "--moe-router-num-groups",
              "--moe-router-group-topk", "--moe-router-topk-scaling-factor"}
