@@ -253,12 +253,14 @@ class Benchmark:
                                                                                flags)
 
             while True:
-                if later and all((v, s) in records for v, s in first):
-                    self.match_flops([records[k] for k in first])
-                    queue = later + queue  # the FLOPs-matched runs next
-                    later = []
-                # at most `jobs` runs queued in the pool, so the order above holds
-                while queue and len(pending) < max(1, args.jobs):
+                # at most `jobs` runs queued in the pool, so the order above holds; the
+                # FLOPs-matched runs go next as soon as every DR-LoRA run is measured
+                while True:
+                    if later and all((v, s) in records for v, s in first):
+                        self.match_flops([records[k] for k in first])
+                        queue, later = later + queue, []
+                    if not queue or len(pending) >= max(1, args.jobs):
+                        break
                     submit(*queue.pop(0))
                 if not pending:
                     if queue or later:
