@@ -137,6 +137,7 @@ def test_import_matches_transformers(megatron_single, glm_models, tmp_path, vari
     logs = []
     flags = convert(hf_dir, str(tmp_path / "base"), log=logs.append)["flags"]
     for flag in ("--moe-router-score-function sigmoid", "--moe-router-enable-expert-bias",
+                 "--moe-router-dtype fp32",
                  "--add-qkv-bias", "--moe-shared-expert-intermediate-size 24"):
         assert flag in flags, (flag, flags)
     dense = 2 if variant == "mtp" else 1
@@ -273,6 +274,20 @@ def test_merged_export_matches_megatron(glm_run, source):
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"  # the trained one, not the base's
     base = safe_open(os.path.join(glm_run["hf"], "model.safetensors"), "pt").get_tensor(bias)
     assert (out.get_tensor(bias) - base).abs().max() > 0.05
+
+
+def test_bf16_merged_export_keeps_the_expert_bias_fp32(glm_run):
+    from safetensors import safe_open
+
+    from megatron_drlora.hf.exporter import export
+
+    save = str(glm_run["root"] / "merged_bf16")
+    export(glm_run["adapters"], glm_run["hf"], "merged", save, dtype="bfloat16",
+           log=lambda s: None)
+    out = safe_open(os.path.join(save, "model.safetensors"), "pt")
+    assert out.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == \
+        torch.float32
+    assert out.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
 
 
 def test_peft_export_matches_megatron(glm_run):

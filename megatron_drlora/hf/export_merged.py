@@ -116,7 +116,10 @@ def export_merged(adapters: AdapterCheckpoint, hf: HFCheckpoint, desc: ModelDesc
         if layer in adapted:
             merge_layer(tensors, names, layer, adapters)
         for name in mapping.order_hf_layer(names, layer, tensors):
-            writer.add(name, check(name, tensors[name]).to(out_dtype))
+            # GLM-4.5's expert bias stays fp32 (as transformers and Megatron keep it): it
+            # decides the routing, which a bf16 bias would change.
+            keep = name.endswith("e_score_correction_bias")
+            writer.add(name, check(name, tensors[name]).to(torch.float32 if keep else out_dtype))
         del tensors
     for name, t in globals_.items():
         writer.add(name, check(name, t).to(out_dtype))

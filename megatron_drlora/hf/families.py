@@ -5,8 +5,8 @@ refused, and their tensor names.
 dimension and feature the conversion depends on) and refuses, naming the config key, anything the
 Megatron model built by `megatron_drlora.modeling` cannot reproduce exactly: sliding-window
 attention and output-projection biases (except Phi-MoE's, `megatron_drlora.hf.phimoe`), RoPE
-scaling, partial rotary embeddings, dense layers between MoE layers, q/k/v clipping, activations
-other than SiLU.
+scaling, partial rotary embeddings and dense layers between MoE layers (except GLM-4.5's,
+`megatron_drlora.hf.glm4_moe`), q/k/v clipping, activations other than SiLU.
 
 Router semantics. HF routers take a softmax over all experts, then the top-k. Mixtral always
 renormalises the top-k probabilities (and Qwen3-MoE by default, `norm_topk_prob`): the same as
@@ -157,6 +157,8 @@ class ModelDescription:
                   f"--moe-router-group-topk {self.router_group_topk}"]
         if self.router_scaling:
             f.append(f"--moe-router-topk-scaling-factor {self.router_scaling!r}")
+        if self.family == "glm4_moe":  # transformers routes GLM-4.5 in fp32 whatever the dtype
+            f.append("--moe-router-dtype fp32")
         if self.router_type != "topk":
             f += [f"--moe-router-type {self.router_type}",
                   f"--moe-sparsemixer-jitter-eps {self.router_jitter_eps!r}"]
