@@ -137,9 +137,16 @@ class Benchmark:
             say(f"  {trained['seconds']:.0f} s, validation loss {trained['valid_loss']}")
         else:
             say(f"> base: reusing {self.base_dir}")
-        model, _, _ = self.evaluator.load(self.base_flags, None)
-        record = {"scores": self.evaluator.score(model), "routing": self.evaluator.routing(model)}
-        del model
+        record_path = os.path.join(self.base_dir, "base_record.json")
+        if os.path.isfile(record_path) and json.load(open(record_path))["stamp"] == stamp:
+            record = json.load(open(record_path))["record"]  # evaluated before, same base
+        else:
+            model, _, _ = self.evaluator.load(self.base_flags, None)
+            record = {"scores": self.evaluator.score(model),
+                      "routing": self.evaluator.routing(model)}
+            del model
+            with open(record_path, "w") as fh:
+                json.dump({"stamp": stamp, "record": record}, fh)
         say("> base model on held-out prompts: " + _scores_line(record["scores"]))
         return record
 
