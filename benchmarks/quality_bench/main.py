@@ -216,8 +216,12 @@ class Benchmark:
         self.static_map = allocation.static_frequency_map(
             self.base_record["routing"]["counts"], 2, args.r_init, args.r_target, args.r_max)
         self.static_map_path = os.path.join(self.out, "static_frequency_rank_map.json")
-        with open(self.static_map_path, "w") as fh:
-            json.dump({"rank_map": self.static_map}, fh)
+        text = json.dumps({"rank_map": self.static_map})
+        if not (os.path.isfile(self.static_map_path)
+                and open(self.static_map_path).read() == text):
+            with open(self.static_map_path + ".tmp", "w") as fh:  # runs may be reading it
+                fh.write(text)
+            os.replace(self.static_map_path + ".tmp", self.static_map_path)
         self.plan = runs.plan(args)
         say(f"> growth plan ({self.plan['command']}): events at steps "
             f"{self.plan['first_event_step']}..{self.plan['last_event_step']} every "
