@@ -125,3 +125,33 @@ def make_tokenizer(path: str, size: int = VOCAB - 10) -> str:
 
 def tokens(batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def make_chat_data(hf_dir: str, directory, n: int = 48, seed: int = 0) -> str:
+    """Chat JSONL (system/user/assistant turns in make_tokenizer's words) rendered with the
+    tokenizer's chat template by tools/preprocess_data.py; returns the --data-path prefix."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from tests.dist_harness import REPO
+
+    rng = random.Random(seed)
+    say = lambda k: " ".join(f"w{rng.randrange(40)}" for _ in range(k))  # noqa: E731
+    os.makedirs(directory, exist_ok=True)
+    chat = os.path.join(directory, "chat.jsonl")
+    with open(chat, "w") as fh:
+        for _ in range(n):
+            messages = [{"role": "system", "content": say(3)}]
+            for _ in range(rng.randint(1, 2)):
+                messages += [{"role": "user", "content": say(rng.randint(2, 5))},
+                             {"role": "assistant", "content": say(rng.randint(2, 6))}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
+    prefix = os.path.join(directory, "chat")
+    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", chat,
+                    "--output-prefix", prefix, "--append-eod",
+                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir],
+                   check=True, capture_output=True, cwd=str(REPO), timeout=300)
+    return f"{prefix}_text_document"

@@ -28,17 +28,19 @@ def tiny_recipe_argv(recipe, base, replace):
     return out
 
 
-def training_argv(recipe, base, ckpt, hf_dir, seq, nproc):
-    """examples/pretrain_gpt.py flags: the recipe on mock data for 8 iterations with growth
-    at 2, 4, 6 (r_init, r_max and the other DR-LoRA settings stay the recipe's) on `nproc`
-    processes (EP = nproc)."""
+def training_argv(recipe, base, ckpt, hf_dir, seq, nproc, data=None):
+    """examples/pretrain_gpt.py flags: the recipe on `data` (a --data-path prefix; mock data
+    without) for 8 iterations with growth at 2, 4, 6 (r_init, r_max and the other DR-LoRA
+    settings stay the recipe's) on `nproc` processes (EP = nproc)."""
     replace = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
                "--expert-model-parallel-size": str(nproc), "--expert-tensor-parallel-size": "1",
                "--seq-length": str(seq), "--micro-batch-size": "2", "--global-batch-size": "8",
                "--train-iters": "8", "--lr-warmup-iters": "2", "--drlora-grow-interval": "2",
-               "--drlora-grow-buffer": "1", "--data-path": [], "--split": [],
-               "--mock-data": [], "--tokenizer-model": hf_dir, "--eval-iters": "0",
+               "--drlora-grow-buffer": "1", "--tokenizer-model": hf_dir, "--eval-iters": "0",
                "--log-interval": "1", "--save-interval": "4", "--lr": "1e-3",
                "--pretrained-checkpoint": base, "--save": ckpt, "--load": ckpt}
+    replace.update({"--data-path": [data], "--split": ["100,0,0"]} if data else
+                   {"--data-path": [], "--split": [], "--mock-data": []})
     return ["@" + str(REPO / "examples" / "cpu.args")] + [
-        a for a in tiny_recipe_argv(recipe, base, replace) if a not in ("--data-path", "--split")]
+        a for a in tiny_recipe_argv(recipe, base, replace)
+        if data or a not in ("--data-path", "--split")]

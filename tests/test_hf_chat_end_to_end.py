@@ -1,6 +1,7 @@
 """From a Hugging Face model directory and a chat JSONL file to verified exports, per family.
 
-For a tiny random model of every supported family, with a Hugging Face tokenizer that has a
+For a tiny random model of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (Phi-MoE: the recipe test
+in tests/test_phimoe.py does the same with Phi's recipe), with a Hugging Face tokenizer that has a
 chat template (built here, saved as save_pretrained does): tools/preprocess_data.py renders
 the chat records with the template (loss on assistant tokens), the converter imports the model
 (its model.args names the tokenizer), examples/pretrain_gpt.py fine-tunes it with DR-LoRA on
@@ -9,15 +10,12 @@ give the Megatron model's logits (checked here; the exporter's own --verify is t
 tests/test_hf_export.py)."""
 
 import json
-import random
-import subprocess
-import sys
 
 import pytest
-import torch
 
 from tests.dist_harness import REPO
-from tests.hf_tiny import ALL_FAMILIES, SEQ, VOCAB, make_hf_model, make_tokenizer, tokens
+from tests.hf_tiny import (FAMILIES, SEQ, VOCAB, make_chat_data, make_hf_model, make_tokenizer,
+                           tokens)
 from tests.megatron_runs import events, torchrun
 
 pytestmark = pytest.mark.slow
@@ -25,20 +23,7 @@ pytestmark = pytest.mark.slow
 TOL = 1e-4
 
 
-def _chat_jsonl(path, n=48, seed=0, words=40):
-    rng = random.Random(seed)
-    say = lambda k: " ".join(f"w{rng.randrange(words)}" for _ in range(k))  # noqa: E731
-    with open(path, "w") as fh:
-        for _ in range(n):
-            messages = [{"role": "system", "content": say(3)}]
-            for _ in range(rng.randint(1, 2)):
-                messages += [{"role": "user", "content": say(rng.randint(2, 5))},
-                             {"role": "assistant", "content": say(rng.randint(2, 6))}]
-            fh.write(json.dumps({"messages": messages}) + "\n")
-    return str(path)
-
-
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_chat_data_to_verified_exports(family, megatron_single, tmp_path):
     from megatron_drlora.hf import verify
     from megatron_drlora.hf.exporter import export
@@ -47,16 +32,11 @@ def test_chat_data_to_verified_exports(family, megatron_single, tmp_path):
     hf_dir = make_hf_model(family, str(tmp_path / "hf"), seed=5,
                            name_or_path=f"example-org/tiny-{family}")
     make_tokenizer(hf_dir)
-    chat = _chat_jsonl(tmp_path / "chat.jsonl")
-    prefix = tmp_path / "data" / "chat"
-    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", chat,
-                    "--output-prefix", str(prefix), "--append-eod",
-                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir],
-                   check=True, capture_output=True, cwd=str(REPO), timeout=300)
+    data = make_chat_data(hf_dir, tmp_path / "data")
     base, run = tmp_path / "base", tmp_path / "run"
     convert(hf_dir, str(base), log=lambda s: None)
     torchrun(1, [f"@{REPO / 'examples' / 'cpu.args'}", f"@{base}/model.args",
-                 "--pretrained-checkpoint", str(base), "--data-path", f"{prefix}_text_document",
+                 "--pretrained-checkpoint", str(base), "--data-path", data,
                  "--split", "100,0,0", "--seq-length", str(SEQ), "--micro-batch-size", "2",
                  "--global-batch-size", "4", "--train-iters", "6", "--lr", "2e-2",
                  "--lr-warmup-iters", "2", "--hidden-dropout", "0", "--attention-dropout", "0",

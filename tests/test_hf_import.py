@@ -449,19 +449,22 @@ def test_olmoe_recipe_loads_a_converted_base(megatron_single, tmp_path):
 @pytest.mark.slow
 def test_olmoe_recipe_trains_with_growth(tmp_path):
     """The OLMoE recipe through examples/pretrain_gpt.py on a converted tiny random OLMoE with
-    a Hugging Face tokenizer (sizes, length, batch and data replaced; r_init 32 / r_max 128 and
+    a Hugging Face tokenizer, on chat data rendered with its chat template (sizes, length,
+    batch and data replaced; r_init 32 / r_max 128 and
     the other DR-LoRA settings the recipe's): it trains, grows at the planned iterations, the
     router trains after the warm-up and the checkpoint carries it."""
     from megatron_drlora.hf.importer import convert
-    from tests.hf_tiny import make_tokenizer
+    from tests.hf_tiny import make_chat_data, make_tokenizer
     from tests.megatron_runs import events, torchrun
     from tests.recipes import training_argv
 
     hf_dir = make_hf_model("olmoe", str(tmp_path / "hf"), rms_norm_eps=1e-5)
     make_tokenizer(hf_dir)
+    data = make_chat_data(hf_dir, tmp_path / "data")
     base, ckpt = str(tmp_path / "base"), str(tmp_path / "ckpt")
     convert(hf_dir, base, log=lambda s: None)
-    proc = torchrun(1, training_argv(RECIPE, base, ckpt, hf_dir, SEQ, nproc=1), timeout=900)
+    proc = torchrun(1, training_argv(RECIPE, base, ckpt, hf_dir, SEQ, nproc=1, data=data),
+                    timeout=900)
     assert "router trainable from iteration 2" in proc.stdout
     grown = events(tmp_path / "ckpt")
     assert [e["iteration"] for e in grown] == [2, 4, 6]

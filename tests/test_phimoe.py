@@ -512,7 +512,10 @@ def test_recipe_trains_with_growth_and_exports(tmp_path):
     convert(hf_dir, base, log=lambda s: None)
     from tests.recipes import training_argv
 
-    argv = training_argv(_recipe(), base, ckpt, hf_dir, SEQ, nproc=2)
+    from tests.hf_tiny import make_chat_data
+
+    data = make_chat_data(hf_dir, tmp_path / "data")  # chat rendered with its template
+    argv = training_argv(_recipe(), base, ckpt, hf_dir, SEQ, nproc=2, data=data)
     torchrun(2, argv, timeout=900)
     grown = events(tmp_path / "ckpt")
     assert [e["iteration"] for e in grown] == [2, 4, 6]
