@@ -169,8 +169,9 @@ class Evaluator:
         finally:
             for h in handles:
                 h.remove()
-        total = [[sum(result[d][l][e] for d in result) for e in range(len(result[d0][l]))]
-                 for d0 in list(result)[:1] for l in range(len(result[d0]))]
+        first = next(iter(result.values()))
+        total = [[sum(result[d][l][e] for d in result) for e in range(len(first[l]))]
+                 for l in range(len(first))]
         return {"counts": total, "counts_by_domain": result, "tokens_by_domain": tokens,
                 "tokens": sum(tokens.values())}
 
