@@ -15,8 +15,7 @@ if [ ! -d .hf4 ]; then
       requests
 fi
 export DRLORA_TRANSFORMERS4_PATH="$PWD/.hf4"
-# two pytest workers (the box has 2 cores; much of a multi-process test is waiting); the tests
-# that share the session's Megatron-LM runs stay on one worker (tests/conftest.py)
+# two pytest workers (the box has 2 cores; much of a multi-process test is waiting)
 python -m pytest -q -n 2 --dist loadgroup "$@"
 deactivate
 

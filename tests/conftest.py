@@ -46,9 +46,10 @@ def base(work):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh) every test that uses the
-    session's Megatron-LM runs (`work`, `base`) goes to one worker, so the base and the
-    DR-LoRA runs shared through tests/megatron_runs.py are made once, not once per worker."""
+    """Mark the tests that use the session's Megatron-LM runs (`work`, `base`) as one
+    pytest-xdist group (`--dist loadgroup`, scripts/test.sh). Not yet effective with
+    pytest-xdist 3.8 (the workers still split them, each making its own base and runs:
+    correct, only slower); to investigate."""
     for item in items:
         if {"work", "base"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("megatron_runs"))
