@@ -15,8 +15,9 @@ if [ ! -d .hf4 ]; then
       requests
 fi
 export DRLORA_TRANSFORMERS4_PATH="$PWD/.hf4"
-# two pytest workers (the box has 2 cores; much of a multi-process test is waiting)
-python -m pytest -q -n 2 --dist loadgroup "$@"
+# one pytest process: two workers (pytest-xdist, `-n 2 --dist loadgroup`) put two multi-process
+# tests on the 2 cores at once, which is not yet verified to stay within their time limits
+python -m pytest -q "$@"
 deactivate
 
 if [ "${DRLORA_SKIP_COMPAT:-0}" != "1" ]; then
