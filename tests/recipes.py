@@ -44,3 +44,13 @@ def training_argv(recipe, base, ckpt, hf_dir, seq, nproc, data=None):
     return ["@" + str(REPO / "examples" / "cpu.args")] + [
         a for a in tiny_recipe_argv(recipe, base, replace)
         if data or a not in ("--data-path", "--split")]
+
+
+def same_values(a, b) -> bool:
+    """Flag values equal as numbers where they are numbers (`1e-5` == `1e-05`), else as text."""
+    if a is None or len(a) != len(b):
+        return False
+    try:
+        return [float(x) for x in a] == [float(x) for x in b]
+    except ValueError:
+        return a == b

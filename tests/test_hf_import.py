@@ -393,13 +393,7 @@ def test_olmoe_recipe_flags_are_the_converters():
 
     converter = _flags(describe(_olmoe_1b_7b()).flags())
     recipe = _flags(open(RECIPE).read().splitlines())
-    def same(a, b):
-        if a is None or len(a) != len(b):
-            return False
-        try:
-            return [float(x) for x in a] == [float(x) for x in b]
-        except ValueError:
-            return a == b
+    from tests.recipes import same_values as same
 
     for flag, value in converter.items():
         assert same(recipe.get(flag), value), f"{RECIPE.name}: {flag} {recipe.get(flag)} != " \

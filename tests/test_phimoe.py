@@ -431,13 +431,7 @@ def test_recipe_flags_are_the_converters():
     converter = _flags(describe(_phi_mini_moe()).flags())
     recipe = _flags(open(_recipe()).read().splitlines())
 
-    def same(a, b):
-        if a is None or len(a) != len(b):
-            return False
-        try:
-            return [float(x) for x in a] == [float(x) for x in b]
-        except ValueError:
-            return a == b
+    from tests.recipes import same_values as same
 
     for flag, value in converter.items():
         assert same(recipe.get(flag), value), f"recipe {flag} {recipe.get(flag)} != {value}"
