@@ -13,6 +13,11 @@ entry, the converter and the exporter's check, so all three build the same model
   layer's input (what the router and the experts see) is multiplied by uniform noise in
   [1 - eps, 1 + eps] twice, as transformers does (its MoE block and its router each scale the
   same tensor in place). Megatron's own `--moe-input-jitter-eps` scales the router's input only.
+- `--multi-latent-attention` on the local spec (no Transformer Engine): Megatron's local
+  `DotProductAttention` cannot take MLA's separate q/k and v head sizes, so the spec's core
+  attention becomes `compat.mla_attention.MLACoreAttention` (and without `--q-lora-rank` the
+  q latent norm the local spec sets, which MLASelfAttention refuses, is dropped); a TE spec is
+  left as it is.
 """
 
 from __future__ import annotations
@@ -50,11 +55,14 @@ def adjust_spec(block_spec, args):
     router = router_builder(_get(args, "moe_router_type", "topk"),
                             _get(args, "moe_sparsemixer_jitter_eps", 0.01))
     proj_bias = _get(args, "add_attention_output_bias", False)
-    if router is None and not proj_bias:
+    mla = _get(args, "multi_latent_attention", False)
+    if router is None and not proj_bias and not mla:
         return block_spec
     block_spec = copy.deepcopy(block_spec)
     for layer_spec in getattr(block_spec, "layer_specs", None) or [block_spec]:
         sub = _submodules(layer_spec)
+        if mla:
+            _local_mla(sub.self_attention, _get(args, "q_lora_rank", None))
         if proj_bias:
             attn = _submodules(sub.self_attention)
             attn.linear_proj = _with_bias(attn.linear_proj)
@@ -62,6 +70,22 @@ def adjust_spec(block_spec, args):
         if router is not None and hasattr(mlp_sub, "router"):
             mlp_sub.router = router
     return block_spec
+
+
+def _local_mla(attn_spec, q_lora_rank) -> None:
+    """MLA with the local spec: Megatron's DotProductAttention -> MLACoreAttention; without a
+    q LoRA, no q latent norm and a plain q projection (compat.mla_attention)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    attn = _submodules(attn_spec)
+    if getattr(attn, "core_attention", None) is DotProductAttention:
+        from megatron_drlora.compat import mla_attention
+
+        attn.core_attention = mla_attention.MLACoreAttention
+        if q_lora_rank is None:
+            attn.q_layernorm = IdentityOp
+            attn_spec.module = mla_attention.local_mla_self_attention()
 
 
 def _submodules(spec):

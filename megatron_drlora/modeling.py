@@ -78,6 +78,18 @@ class MoEModelArgs:
     add_output_layer_bias: bool = False
     window_size: Optional[tuple] = None  # Megatron's (left, right) sliding attention window
     moe_layer_input_jitter_eps: float = 0.0
+    # Multi-latent attention (DeepSeek-V2/V3): Megatron's MLATransformerConfig fields. On CPU
+    # its core attention is megatron_drlora.compat.mla_attention.
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 32
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_type: Optional[str] = None  # MLA: "rope" or "yarn" (Megatron's MLA default: yarn)
+    rotary_scaling_factor: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
 
     @classmethod
     def from_megatron_args(cls, args, vocab_size: int) -> "MoEModelArgs":
@@ -119,7 +131,13 @@ class MoEModelArgs:
             add_attention_output_bias=getattr(args, "add_attention_output_bias", False),
             add_output_layer_bias=getattr(args, "add_output_layer_bias", False),
             window_size=getattr(args, "window_size", None),
-            moe_layer_input_jitter_eps=getattr(args, "moe_layer_input_jitter_eps", 0.0))
+            moe_layer_input_jitter_eps=getattr(args, "moe_layer_input_jitter_eps", 0.0),
+            **{k: getattr(args, k) for k in MLA_FIELDS if hasattr(args, k)})
+
+
+MLA_FIELDS = ("multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+              "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor",
+              "mscale", "mscale_all_dim")
 
 
 def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
@@ -195,7 +213,15 @@ def transformer_config(args: MoEModelArgs):
         moe_permute_fusion=False,
         window_size=args.window_size,
     )
-    config = TransformerConfig(**kwargs)
+    config_class = TransformerConfig
+    if args.multi_latent_attention:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_class = MLATransformerConfig
+        kwargs.update({k: getattr(args, k) for k in MLA_FIELDS})
+        kwargs.update(rope_type=args.rope_type or "yarn", rotary_base=args.rotary_base,
+                      rotary_percent=args.rotary_percent)
+    config = config_class(**kwargs)
     cpu.adjust_model_config(config)
     return config
 

@@ -17,13 +17,14 @@ import torch
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # Phi-MoE is tested in tests/test_phimoe.py (LayerNorm, biases, sparsemixer, sliding window),
 # GLM-4.5 in tests/test_glm4_moe.py (partial RoPE, dense first layer, sigmoid router).
-ALL_FAMILIES = FAMILIES + ("phimoe", "glm4_moe")
+# DeepSeek-V2/V3 (multi-latent attention) in tests/test_deepseek.py.
+ALL_FAMILIES = FAMILIES + ("phimoe", "glm4_moe", "deepseek_v2", "deepseek_v3")
 VOCAB = 100
 SEQ = 16
 
 
 def hf_config(family: str, **overrides):
-    from transformers import (Glm4MoeConfig, MixtralConfig, OlmoeConfig, PhimoeConfig,
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, MixtralConfig, OlmoeConfig, PhimoeConfig,
                               Qwen2MoeConfig, Qwen3MoeConfig)
 
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -51,6 +52,19 @@ def hf_config(family: str, **overrides):
                    attention_bias=True, use_qk_norm=True, n_group=4, topk_group=2,
                    routed_scaling_factor=1.5, norm_topk_prob=True, num_nextn_predict_layers=0)
         cls = Glm4MoeConfig
+    elif family in ("deepseek_v2", "deepseek_v3"):  # MLA: q/k head 8+4, v head 6; 1 dense layer
+        cfg = dict(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=40,
+                   moe_intermediate_size=12, n_routed_experts=8, n_shared_experts=1,
+                   first_k_dense_replace=1, q_lora_rank=12, kv_lora_rank=16,
+                   qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+        if family == "deepseek_v2":  # groups ranked by their best expert: top-2 of 2 groups
+            cfg.update(topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                       routed_scaling_factor=1.5, norm_topk_prob=False)
+            cls = DeepseekV2Config
+        else:
+            cfg.update(n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5,
+                       norm_topk_prob=True, num_nextn_predict_layers=0)
+            cls = DeepseekV3Config
     else:
         cfg = dict(intermediate_size=24, num_experts=4, norm_topk_prob=False)
         cls = OlmoeConfig

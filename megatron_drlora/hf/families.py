@@ -28,10 +28,13 @@ from typing import Dict, List, Optional
 
 from megatron_drlora.hf.common import HFInteropError
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe", "deepseek_v2",
+            "deepseek_v3")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "phimoe": "PhimoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+                 "phimoe": "PhimoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")  # megatron_drlora.hf.deepseek
 
 
 @dataclass
@@ -77,6 +80,21 @@ class ModelDescription:
     router_group_topk: Optional[int] = None
     router_scaling: Optional[float] = None
     mtp_layers: int = 0
+    # DeepSeek-V2/V3 (megatron_drlora.hf.deepseek): multi-latent attention, YaRN.
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None  # set: MLA
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True
+    rope_type: str = "rope"
+    rope_scaling_factor: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank is not None
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense_layers
@@ -106,7 +124,7 @@ class ModelDescription:
             num_query_groups=self.num_query_groups, num_experts=self.num_experts,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size, moe_router_topk=self.topk,
             moe_router_pre_softmax=self.router_pre_softmax,
-            qk_layernorm=self.qk_norm != "none",
+            qk_layernorm=self.qk_norm != "none" or self.mla,
             qk_layernorm_scope="projection" if self.qk_norm == "projection" else "head",
             add_qkv_bias=self.qkv_bias,
             kv_channels=None if self.head_dim == default_head else self.head_dim,
@@ -125,7 +143,31 @@ class ModelDescription:
             swiglu=True, normalization=self.normalization, layernorm_epsilon=self.norm_epsilon,
             position_embedding_type="rope", rotary_base=self.rope_theta,
             vocab_size=padded_vocab, seq_length=self.max_position_embeddings,
-            untie_embeddings_and_output_weights=not self.tie_word_embeddings)
+            untie_embeddings_and_output_weights=not self.tie_word_embeddings,
+            **self._mla_kwargs())
+
+    def _mla_kwargs(self) -> Dict:
+        if not self.mla:
+            return {}
+        return dict(multi_latent_attention=True, q_lora_rank=self.q_lora_rank,
+                    kv_lora_rank=self.kv_lora_rank, qk_head_dim=self.qk_nope_head_dim,
+                    qk_pos_emb_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
+                    rope_type=self.rope_type, rotary_scaling_factor=self.rope_scaling_factor,
+                    mscale=self.mscale, mscale_all_dim=self.mscale_all_dim)
+
+    def _mla_flags(self) -> List[str]:
+        if not self.mla:
+            return []
+        f = ["--multi-latent-attention", "--qk-layernorm"]
+        if self.q_lora_rank is not None:
+            f.append(f"--q-lora-rank {self.q_lora_rank}")
+        f += [f"--kv-lora-rank {self.kv_lora_rank}", f"--qk-head-dim {self.qk_nope_head_dim}",
+              f"--qk-pos-emb-head-dim {self.qk_rope_head_dim}", f"--v-head-dim {self.v_head_dim}",
+              f"--rope-type {self.rope_type}"]
+        if self.rope_type == "yarn":
+            f += [f"--rotary-scaling-factor {self.rope_scaling_factor!r}",
+                  f"--mscale {self.mscale!r}", f"--mscale-all-dim {self.mscale_all_dim!r}"]
+        return f
 
     def flags(self) -> List[str]:
         """The examples/pretrain_gpt.py model flags, one flag (with its value) per entry."""
@@ -137,6 +179,7 @@ class ModelDescription:
             f.append(f"--kv-channels {self.head_dim}")
         if self.qkv_bias:
             f.append("--add-qkv-bias")
+        f += self._mla_flags()
         if self.qk_norm != "none":
             f.append("--qk-layernorm")
             if self.qk_norm == "projection":
@@ -157,7 +200,7 @@ class ModelDescription:
                   f"--moe-router-group-topk {self.router_group_topk}"]
         if self.router_scaling:
             f.append(f"--moe-router-topk-scaling-factor {self.router_scaling!r}")
-        if self.family == "glm4_moe":  # transformers routes GLM-4.5 in fp32 whatever the dtype
+        if self.family in ("glm4_moe",) + MLA_FAMILIES:  # transformers routes these in fp32
             f.append("--moe-router-dtype fp32")
         if self.router_type != "topk":
             f += [f"--moe-router-type {self.router_type}",
@@ -211,7 +254,8 @@ def describe(config, path: str = "") -> ModelDescription:
 
     if get("hidden_act", "silu") != "silu":
         refuse("hidden_act", get("hidden_act"), "the experts must be SwiGLU (silu)")
-    _check_rope(get, refuse, partial_ok=family == "glm4_moe")
+    if family not in MLA_FAMILIES:  # megatron_drlora.hf.deepseek reads its own RoPE
+        _check_rope(get, refuse, partial_ok=family == "glm4_moe")
     _check_attention_window(family, get, refuse)
     num_layers = int(get("num_hidden_layers"))
     if family in ("qwen2_moe", "qwen3_moe"):
@@ -256,7 +300,7 @@ def describe(config, path: str = "") -> ModelDescription:
     if float(theta) != int(float(theta)):
         refuse("rope_theta", theta, "--rotary-base takes an integer")
     common = None
-    if family in ("phimoe", "glm4_moe"):
+    if family in ("phimoe", "glm4_moe") + MLA_FAMILIES:
         common = dict(
             family=family, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
             num_query_groups=groups, head_dim=head_dim, vocab_size=int(get("vocab_size")),
@@ -271,6 +315,10 @@ def describe(config, path: str = "") -> ModelDescription:
         from megatron_drlora.hf.glm4_moe import describe_glm4_moe
 
         return describe_glm4_moe(get, refuse, common)
+    if family in MLA_FAMILIES:
+        from megatron_drlora.hf.deepseek import describe_deepseek
+
+        return describe_deepseek(family, get, refuse, common)
     return ModelDescription(
         family=family, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
         num_query_groups=groups, head_dim=head_dim, vocab_size=int(get("vocab_size")),
@@ -355,7 +403,8 @@ class HFNames:
         return self.layer(layer, f"mlp.experts.{which}")  # gate_up_proj / down_proj
 
     def shared(self, layer: int, proj: str) -> str:
-        module = "shared_experts" if self.desc.family == "glm4_moe" else "shared_expert"
+        module = ("shared_experts" if self.desc.family in ("glm4_moe",) + MLA_FAMILIES
+                  else "shared_expert")
         return self.layer(layer, f"mlp.{module}.{proj}_proj.weight")
 
     def dense(self, layer: int, proj: str) -> str:
@@ -363,6 +412,12 @@ class HFNames:
 
     def expert_bias(self, layer: int) -> str:
         return self.layer(layer, f"{self.router_module}.e_score_correction_bias")
+
+    def mla_attention(self) -> List[str]:
+        """The attention modules of multi-latent attention (DeepSeek-V2/V3)."""
+        q = ["q_proj"] if self.desc.q_lora_rank is None else \
+            ["q_a_proj", "q_a_layernorm", "q_b_proj"]
+        return q + ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
 
     def shared_gate(self, layer: int) -> str:
         return self.layer(layer, "mlp.shared_expert_gate.weight")
@@ -374,7 +429,10 @@ class HFNames:
         names = [self.layer(layer, f"{n}.weight") for n in norms]
         if d.normalization == "LayerNorm":
             names += [self.layer(layer, f"{n}.bias") for n in norms]
-        names += [self.attn(layer, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if d.mla:
+            names += [self.attn(layer, p) for p in self.mla_attention()]
+        else:
+            names += [self.attn(layer, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         if d.qkv_bias:
             names += [self.attn(layer, p, "bias") for p in ("q_proj", "k_proj", "v_proj")]
         if d.attention_output_bias:

@@ -53,6 +53,23 @@ def describe_glm4_moe(get: Callable, refuse: Callable, common: dict):
     dense = int(get("first_k_dense_replace", 0) or 0)
     if not 0 <= dense < layers:
         refuse("first_k_dense_replace", dense, f"at least one MoE layer among {layers}")
+    router = sigmoid_router(get, refuse, experts, topk)
+    shared = int(get("n_shared_experts", 0) or 0)
+    moe_ffn = int(get("moe_intermediate_size"))
+    return ModelDescription(
+        **common, num_experts=experts, topk=topk, moe_ffn_hidden_size=moe_ffn,
+        ffn_hidden_size=int(get("intermediate_size")),
+        norm_epsilon=float(get("rms_norm_eps", 1e-5)),
+        qkv_bias=bool(get("attention_bias", False)),
+        qk_norm="head" if get("use_qk_norm", False) else "none",
+        shared_expert_ffn=shared * moe_ffn or None, rotary_percent=partial,
+        first_dense_layers=dense, mtp_layers=int(get("num_nextn_predict_layers", 0) or 0),
+        **router)
+
+
+def sigmoid_router(get: Callable, refuse: Callable, experts: int, topk: int) -> dict:
+    """ModelDescription router fields of a GLM-4.5 / DeepSeek-V3 style sigmoid router with
+    `e_score_correction_bias` (see the module docstring), or a refusal naming the key."""
     norm = bool(get("norm_topk_prob", True))
     if topk > 1 and not norm:
         refuse("norm_topk_prob", False, "Megatron's sigmoid router always renormalises a top-k "
@@ -68,18 +85,8 @@ def describe_glm4_moe(get: Callable, refuse: Callable, common: dict):
         refuse("topk_group", group_topk, f"transformers ranks groups by their top-2 scores, "
                f"Megatron by their top-(num_experts_per_tok / topk_group) = top-"
                f"{topk // group_topk}")
-    shared = int(get("n_shared_experts", 0) or 0)
-    moe_ffn = int(get("moe_intermediate_size"))
     scaling = float(get("routed_scaling_factor", 1.0) or 1.0)
-    return ModelDescription(
-        **common, num_experts=experts, topk=topk, moe_ffn_hidden_size=moe_ffn,
-        ffn_hidden_size=int(get("intermediate_size")), norm_topk_prob=norm,
-        norm_epsilon=float(get("rms_norm_eps", 1e-5)),
-        qkv_bias=bool(get("attention_bias", False)),
-        qk_norm="head" if get("use_qk_norm", False) else "none",
-        shared_expert_ffn=shared * moe_ffn or None, rotary_percent=partial,
-        first_dense_layers=dense, router_score="sigmoid", router_expert_bias=True,
-        router_num_groups=groups if group_topk < groups else None,
-        router_group_topk=group_topk if group_topk < groups else None,
-        router_scaling=scaling if scaling != 1.0 else None,
-        mtp_layers=int(get("num_nextn_predict_layers", 0) or 0))
+    return dict(norm_topk_prob=norm, router_score="sigmoid", router_expert_bias=True,
+                router_num_groups=groups if group_topk < groups else None,
+                router_group_topk=group_topk if group_topk < groups else None,
+                router_scaling=scaling if scaling != 1.0 else None)

@@ -14,6 +14,10 @@ Layout facts this mapping encodes:
 - a dense layer's fc1 (GLM-4.5's first layers) is [gate; up] too; the sigmoid router's expert
   bias is `mlp.router.expert_bias` [E] (HF `e_score_correction_bias`);
 - the vocabulary is padded with zero rows (as pretrain_gpt.py pads it), dropped on export;
+- multi-latent attention (DeepSeek): HF's q / q_a / q_b / kv_a_proj_with_mqa / kv_b_proj are
+  Megatron's linear_q_proj / q_down / q_up / kv_down / kv_up with the same row layout (rope
+  rows reordered for `rope_interleave: false`, see mla_rope_rows), the latent norms
+  q_layernorm / kv_layernorm;
 - a layer norm fused into the next linear in Megatron's naming (`linear_qkv.layer_norm_weight`,
   `linear_fc1.layer_norm_weight`) is HF's input / post-attention layer norm; LayerNorm biases
   (Phi-MoE) likewise, and the output layer's bias is padded like its weight.
@@ -55,6 +59,17 @@ OUTPUT_BIAS = "output_layer.bias"
 FINAL_NORM = "decoder.final_layernorm.weight"
 FINAL_NORM_BIAS = "decoder.final_layernorm.bias"
 EXPERT_KEYS = (EXPERT_FC1, EXPERT_FC2)
+# Multi-latent attention (DeepSeek-V2/V3). The latent norms are separate modules with the local
+# spec and fused into the up projections with Transformer Engine.
+MLA_LINEARS = {"self_attention.linear_q_proj.weight": "q_proj",
+               "self_attention.linear_q_down_proj.weight": "q_a_proj",
+               "self_attention.linear_q_up_proj.weight": "q_b_proj",
+               "self_attention.linear_kv_down_proj.weight": "kv_a_proj_with_mqa",
+               "self_attention.linear_kv_up_proj.weight": "kv_b_proj"}
+MLA_NORMS = {"self_attention.q_layernorm.weight": "q_a_layernorm",
+             "self_attention.linear_q_up_proj.layer_norm_weight": "q_a_layernorm",
+             "self_attention.kv_layernorm.weight": "kv_a_layernorm",
+             "self_attention.linear_kv_up_proj.layer_norm_weight": "kv_a_layernorm"}
 
 
 def is_layer_key(key: str) -> bool:
@@ -117,6 +132,23 @@ def split_qkv(qkv: torch.Tensor, d: ModelDescription):
     return (q.reshape(g * per * hd, *rest), k.reshape(g * hd, *rest), v.reshape(g * hd, *rest))
 
 
+def mla_rope_rows(t: torch.Tensor, which: str, d: ModelDescription, inverse: bool = False):
+    """HF -> Megatron row order of an MLA q or kv_a weight (inverse: back). Megatron rotates
+    channel pairs (2i, 2i+1) of the rope part; with `rope_interleave: false` transformers
+    rotates (i, i + d/2), so those rows are interleaved. Other rows and layouts are unchanged
+    (per head [nope, rope] for q, [kv latent, rope] for kv_a, in both)."""
+    if d.rope_interleave or which not in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa"):
+        return t
+    r = d.qk_rope_head_dim
+    lead = d.kv_lora_rank if which == "kv_a_proj_with_mqa" else d.qk_nope_head_dim
+    perm = torch.stack([torch.arange(r // 2), torch.arange(r // 2) + r // 2], -1).flatten()
+    if inverse:
+        perm = torch.argsort(perm)
+    blocks = t.reshape(-1, lead + r, *t.shape[1:])
+    out = torch.cat([blocks[:, :lead], blocks[:, lead:][:, perm]], dim=1)
+    return out.reshape(t.shape)
+
+
 def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     if t.shape[0] > padded:
         raise HFInteropError(f"vocabulary {t.shape[0]} is larger than the padded size {padded}")
@@ -175,6 +207,10 @@ def megatron_tensor(key: str, layer: Optional[int], expert: Optional[int],
         return get(n.layer(L, "post_attention_layernorm.bias"))
     if s == PROJ_BIAS:
         return get(n.attn(L, "o_proj", "bias"))
+    if s in MLA_LINEARS:
+        return mla_rope_rows(get(n.attn(L, MLA_LINEARS[s])), MLA_LINEARS[s], d)
+    if s in MLA_NORMS and d.mla:  # q_layernorm is Qwen3's / GLM's per-head q norm otherwise
+        return get(n.attn(L, MLA_NORMS[s]))
     if s == QKV:
         return fuse_qkv(*(get(n.attn(L, p)) for p in ("q_proj", "k_proj", "v_proj")), d)
     if s == QKV_BIAS:
@@ -235,6 +271,10 @@ def hf_tensors(key: str, tensor: torch.Tensor, layer: Optional[int], names: HFNa
         return {n.layer(L, "post_attention_layernorm.bias"): tensor}
     if s == PROJ_BIAS:
         return {n.attn(L, "o_proj", "bias"): tensor}
+    if s in MLA_LINEARS:
+        return {n.attn(L, MLA_LINEARS[s]): mla_rope_rows(tensor, MLA_LINEARS[s], d, True)}
+    if s in MLA_NORMS and d.mla:
+        return {n.attn(L, MLA_NORMS[s]): tensor}
     if s in (QKV, QKV_BIAS):
         kind = "weight" if s == QKV else "bias"
         return {n.attn(L, p, kind): t for p, t in zip(("q_proj", "k_proj", "v_proj"),

@@ -1,0 +1,239 @@
+"""DeepSeek-V2 / DeepSeek-V3 (Moonlight): multi-latent attention (q LoRA or plain q, rope pairs
+interleaved or not, YaRN), the V2 softmax and V3 sigmoid routers against transformers' own,
+import with logits parity, the CPU core attention MLA needs, merged and PEFT exports of a
+DR-LoRA checkpoint, refusals by key, the two recipes against the converter, and (slow) EP2 and
+the Moonlight recipe through examples/pretrain_gpt.py with growth and verified exports."""
+
+import os
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import torch  # noqa: E402
+
+from tests.hf_tiny import SEQ, VOCAB, hf_config, make_hf_model, tokens  # noqa: E402
+
+TOL = 1e-4
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 0.707,
+        "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "beta_fast": 32,
+        "beta_slow": 1}
+# name: (family, overrides). hf_tiny's defaults: 3 layers (one dense), 8 experts, q LoRA 12,
+# kv latent 16, q/k heads 8 + 4 rope channels, v heads 6, a shared expert.
+VARIANTS = {
+    "v2": ("deepseek_v2", {}),  # group_limited_greedy: 4 groups, 2 kept, top-2, scaling 1.5
+    # DeepSeek-V2-Lite's shape: no q LoRA, greedy, YaRN with mscale
+    "v2_lite": ("deepseek_v2", dict(q_lora_rank=None, topk_method="greedy", n_group=None,
+                                    topk_group=None, routed_scaling_factor=1.0,
+                                    rope_parameters=YARN)),
+    "v3": ("deepseek_v3", {}),  # 4 groups, 2 kept, top-4, scaling 2.5
+    # Moonlight's router (one group, top-2) without q LoRA; rotate-half rope pairs (rope rows
+    # permuted on import); a multi-token-prediction layer in the checkpoint (skipped)
+    "moonlight": ("deepseek_v3", dict(q_lora_rank=None, n_group=1, topk_group=1,
+                                      num_experts_per_tok=2, routed_scaling_factor=2.446,
+                                      rope_interleave=False, num_nextn_predict_layers=1)),
+}
+
+
+# --- the CPU core attention --------------------------------------------------------------------
+def test_mla_core_attention_matches_sdpa(megatron_single):
+    """compat.mla_attention.MLACoreAttention: causal softmax attention with q/k heads wider than
+    v heads and MLA's scale, as torch's scaled_dot_product_attention computes it."""
+    from megatron_drlora.compat.mla_attention import MLACoreAttention
+    from megatron_drlora.modeling import MoEModelArgs, transformer_config
+
+    config = transformer_config(MoEModelArgs(num_layers=1, hidden_size=32, num_attention_heads=4))
+    attn = MLACoreAttention(config, 1, None, "self", softmax_scale=0.3, k_channels=12,
+                            v_channels=6).eval()
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(7, 2, 4, 12, generator=g) for _ in range(2))
+    v = torch.randn(7, 2, 4, 6, generator=g)
+    out = attn(q, k, v, None)
+    expect = torch.nn.functional.scaled_dot_product_attention(
+        *(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True, scale=0.3)
+    assert out.shape == (7, 2, 24)
+    assert torch.allclose(out, expect.permute(2, 0, 1, 3).reshape(7, 2, 24), atol=1e-6)
+
+
+# --- the routers -------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["v2", "v2_lite", "v3", "moonlight"])
+def test_megatron_router_equals_transformers(megatron_single, variant):
+    """Same experts and weights as transformers' router (eval mode): V2 softmax over all
+    experts, group-limited or not, unnormalised and scaled; V3 sigmoid with expert bias."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.router import TopKRouter
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from megatron_drlora.hf.families import describe
+    from megatron_drlora.modeling import MoEModelArgs, transformer_config
+
+    family, over = VARIANTS[variant]
+    cfg = hf_config(family, **over)
+    hf = (DeepseekV2TopkRouter if family == "deepseek_v2" else DeepseekV3TopkRouter)(cfg).eval()
+    margs = MoEModelArgs(**describe(cfg).model_kwargs(128))
+    ours = TopKRouter(config=transformer_config(margs),
+                      pg_collection=ProcessGroupCollection.use_mpu_process_groups()).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(hf.weight.shape, generator=g))
+        ours.weight.copy_(hf.weight)
+        if family == "deepseek_v3":
+            hf.e_score_correction_bias.copy_(0.3 * torch.randn(8, generator=g))
+            ours.expert_bias.copy_(hf.e_score_correction_bias)
+        x = torch.randn(SEQ, 8, cfg.hidden_size, generator=g)
+        _, w, e = hf(x.reshape(-1, cfg.hidden_size))
+        probs, routing_map = ours(x)
+    expect = torch.zeros_like(probs).scatter(1, e, w)
+    assert torch.equal(routing_map, expect > 0)
+    assert torch.allclose(probs, expect, atol=1e-6, rtol=0)
+
+
+# --- import ------------------------------------------------------------------------------------
+def _add_mtp_tensors(hf_dir, layers):
+    """An MTP layer's tensors as DeepSeek-V3 checkpoints store them (model.layers.L.*)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(path)
+    for name in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        tensors[f"model.layers.{layers}.{name}"] = torch.ones(4, 4)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def ds_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek")
+    out = {name: make_hf_model(family, str(root / name), **over)
+           for name, (family, over) in VARIANTS.items()}
+    _add_mtp_tensors(out["moonlight"], 3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds_bases(megatron_single, ds_models, tmp_path_factory):
+    """Each variant converted once (shared by the parity and export tests): {name: (base,
+    flags, log)}."""
+    from megatron_drlora.hf.importer import convert
+
+    root = tmp_path_factory.mktemp("deepseek_bases")
+    out = {}
+    for name, hf_dir in ds_models.items():
+        logs = []
+        flags = convert(hf_dir, str(root / name), log=logs.append)["flags"]
+        out[name] = (str(root / name), flags, logs)
+    return out
+
+
+def _megatron_logits(base, adapters=None):
+    from megatron_drlora.hf import verify
+
+    margs = verify.model_args_from_file(os.path.join(base, "model.args"), SEQ)
+    chunks, _ = verify.build_megatron(margs, base, adapters)
+    return verify.megatron_logits(chunks, tokens(), VOCAB)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_import_matches_transformers(ds_models, ds_bases, variant):
+    from megatron_drlora.hf import verify
+
+    base, flags, logs = ds_bases[variant]
+    family, over = VARIANTS[variant]
+    for flag in ("--multi-latent-attention", "--qk-layernorm", "--kv-lora-rank 16",
+                 "--qk-head-dim 8", "--qk-pos-emb-head-dim 4", "--v-head-dim 6",
+                 "--moe-layer-freq [0]*1+[1]*2", "--moe-shared-expert-intermediate-size 12"):
+        assert flag in flags, (flag, flags)
+    assert ("--q-lora-rank 12" in flags) == ("q_lora_rank" not in over)
+    assert ("--rope-type yarn" in flags) == (variant == "v2_lite")
+    assert ("--moe-router-pre-softmax" in flags) == (family == "deepseek_v2")
+    assert ("--moe-router-enable-expert-bias" in flags) == (family == "deepseek_v3")
+    assert ("--moe-router-num-groups 4" in flags) == (variant in ("v2", "v3"))
+    assert any("multi-token-prediction" in s for s in logs) == (variant == "moonlight")
+    hf = verify.hf_logits(ds_models[variant], tokens())
+    assert float(hf.abs().max()) > 1.0
+    diff = verify.max_abs_diff(_megatron_logits(base), hf)
+    print(f"{variant}: max |logits diff| {diff:.3g}")
+    assert diff < TOL * float(hf.abs().max()), f"{variant}: max |logits diff| {diff}"
+
+
+def test_rope_layout_and_yarn_change_the_logits(ds_models, tmp_path):
+    """The parity has teeth: transformers' logits move when the same weights are read with the
+    other rope pair layout, or without YaRN, so a converter that ignored either would fail."""
+    import json
+    import shutil
+
+    from megatron_drlora.hf import verify
+
+    t = tokens()
+    for variant, change in (("moonlight", {"rope_interleave": True}),
+                            ("v2_lite", {"rope_scaling": None, "rope_parameters": None})):
+        copy = tmp_path / variant
+        shutil.copytree(ds_models[variant], copy)
+        cfg = json.load(open(copy / "config.json"))
+        cfg.update(change)
+        json.dump(cfg, open(copy / "config.json", "w"))
+        moved = verify.max_abs_diff(verify.hf_logits(str(copy), t),
+                                    verify.hf_logits(ds_models[variant], t))
+        assert moved > 1e-2, (variant, moved)
+
+
+@pytest.mark.parametrize("family,override,key", [
+    ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob"),
+    ("deepseek_v2", dict(num_experts_per_tok=4), "topk_group"),  # top-2 per group != max
+    ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method"),
+    ("deepseek_v2", dict(attention_bias=True), "attention_bias"),
+    ("deepseek_v2", dict(mlp_bias=True), "mlp_bias"),
+    ("deepseek_v2", dict(rope_parameters=dict(YARN, original_max_position_embeddings=2048)),
+     "original_max_position_embeddings"),
+    ("deepseek_v2", dict(rope_parameters=dict(YARN, attention_factor=1.2)), "attention_factor"),
+    ("deepseek_v2", dict(rope_parameters=dict(YARN, mscale=None)), "mscale_all_dim"),
+    ("deepseek_v2", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                          "factor": 2.0}), "rope_type"),
+    ("deepseek_v3", dict(norm_topk_prob=False), "norm_topk_prob"),
+    ("deepseek_v3", dict(num_experts_per_tok=6), "topk_group"),
+    ("deepseek_v3", dict(topk_method="greedy"), "topk_method"),
+    ("deepseek_v3", dict(first_k_dense_replace=3), "first_k_dense_replace"),
+    ("deepseek_v3", dict(hidden_act="gelu"), "hidden_act"),
+])
+def test_unsupported_features_are_refused_by_key(tmp_path, family, override, key):
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.families import describe
+
+    with pytest.raises(HFInteropError, match=key):
+        describe(hf_config(family, **override), str(tmp_path))
+
+
+def test_config_json_keys_transformers_does_not_read_are_checked(tmp_path):
+    """DeepSeek's own config.json keys: moe_layer_freq != 1 and a scoring_func other than the
+    family's router are refused by name."""
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.families import describe
+
+    for family, extra, key in (("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq"),
+                               ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func")):
+        cfg = hf_config(family)
+        for k, v in extra.items():
+            setattr(cfg, k, v)
+        with pytest.raises(HFInteropError, match=key):
+            describe(cfg, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_expert_parallel_layout(ds_models, tmp_path):
+    """EP2 (2 gloo processes, 4 experts per rank) gives transformers' logits for V2 and V3."""
+    import json
+
+    from tests.dist_harness import run_torchrun
+
+    root = tmp_path / "hf"
+    os.makedirs(root)
+    for name, family in (("v2", "deepseek_v2"), ("moonlight", "deepseek_v3")):
+        os.symlink(ds_models[name], root / family)
+    out = tmp_path / "diffs.json"
+    run_torchrun("hf_convert_worker.py", 2, [root, tmp_path / "save", out, "--layouts",
+                                             "ep2:deepseek_v2,deepseek_v3"], timeout=300)
+    diffs = json.load(open(out))
+    print(diffs)
+    assert set(diffs) == {"deepseek_v2/ep2", "deepseek_v3/ep2"}
+    assert all(d < TOL for d in diffs.values()), diffs
