@@ -237,3 +237,87 @@ def test_expert_parallel_layout(ds_models, tmp_path):
     print(diffs)
     assert set(diffs) == {"deepseek_v2/ep2", "deepseek_v3/ep2"}
     assert all(d < TOL for d in diffs.values()), diffs
+
+
+# --- export ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ds_runs(ds_models, ds_bases, tmp_path_factory):
+    """DR-LoRA checkpoints of the V2 and Moonlight-shaped bases as a run leaves them: grown
+    ranks, a trained router and (V3) an expert bias moved by hand. Built on first use."""
+    from megatron_drlora import DRLoRAConfig
+    from megatron_drlora.hf import verify
+    from megatron_drlora.inject import apply_drlora
+    from tests.tiny import grown_rank_map, randomize_adapters, save_adapter_checkpoint
+
+    runs = {}
+
+    def get(variant):
+        if variant in runs:
+            return runs[variant]
+        base = ds_bases[variant][0]
+        root = tmp_path_factory.mktemp(f"{variant}_export")
+        adapters = str(root / "adapters")
+        margs = verify.model_args_from_file(os.path.join(base, "model.args"), SEQ)
+        chunks, _ = verify.build_megatron(margs, base)
+        base_logits = verify.megatron_logits(chunks, tokens(), VOCAB)
+        handle = apply_drlora(chunks, DRLoRAConfig(budget=4, p_grow=0.5, targets=("up", "down")),
+                              log=lambda s: None)
+        assert [layer.layer for layer in handle.layers] == [1, 2]  # layer 0 is dense
+        randomize_adapters(handle, scale=0.1)
+        rank_map = grown_rank_map(handle)
+        handle.set_rank_map(rank_map)
+        with torch.no_grad():
+            for layer in handle.layers:
+                router = layer.moe_layer.router
+                g = torch.Generator().manual_seed(layer.layer)
+                router.weight.add_(0.3 * torch.randn(router.weight.shape, generator=g))
+                if router.expert_bias is not None:
+                    router.expert_bias.add_(0.2 * torch.randn(router.expert_bias.shape,
+                                                              generator=g))
+        save_adapter_checkpoint(adapters, 7, chunks, handle, rank_map)
+        runs[variant] = dict(hf=ds_models[variant], base=base, adapters=adapters, root=root,
+                             base_logits=base_logits, logits=_megatron_logits(base, adapters))
+        return runs[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ["v2", "moonlight"])
+def test_merged_and_peft_exports_match_megatron(ds_runs, variant):
+    """Merged exports (base from the Megatron checkpoint, then from the HF model: the MLA
+    tensors go back through the inverse mapping, rope rows included) and the PEFT adapter
+    (routed experts only; router and V3's expert bias as modules_to_save) load in transformers
+    (+ peft) and give the Megatron model's logits with the adapters."""
+    pytest.importorskip("peft")
+    import json
+
+    from safetensors import safe_open
+
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.exporter import export
+
+    run = ds_runs(variant)
+    assert verify.max_abs_diff(run["logits"], run["base_logits"]) > 0.05
+    scale = float(run["logits"].abs().max())
+    for name, fmt, kw in (("merged_megatron_base", "merged",
+                           dict(pretrained_checkpoint=run["base"])),
+                          ("merged_hf_base", "merged", {}), ("peft", "peft", {})):
+        save = str(run["root"] / name)
+        export(run["adapters"], run["hf"], fmt, save, log=lambda s: None, **kw)
+        got = verify.hf_logits(save, tokens()) if fmt == "merged" else \
+            verify.hf_logits(run["hf"], tokens(), adapter=save)
+        diff = verify.max_abs_diff(got, run["logits"])
+        print(f"{variant} {name}: max |logits diff| {diff:.3g}")
+        assert diff < TOL * scale, (name, diff)
+    names = set(safe_open(os.path.join(run["root"], "peft", "adapter_model.safetensors"),
+                          "pt").keys())
+    lora = sorted(n for n in names if "lora_" in n)
+    assert lora and all(".mlp.experts." in n and ".layers.0." not in n for n in lora), lora
+    assert not any("shared_experts" in n or "self_attn" in n for n in names)
+    config = json.load(open(run["root"] / "peft" / "adapter_config.json"))
+    assert config["modules_to_save"] == ["mlp.gate"]
+    bias = "base_model.model.model.layers.2.mlp.gate.e_score_correction_bias"
+    assert (bias in names) == (variant == "moonlight")
+    merged = safe_open(os.path.join(run["root"], "merged_megatron_base",
+                                    "model.safetensors"), "pt")
+    assert "model.layers.1.self_attn.kv_a_proj_with_mqa.weight" in set(merged.keys())

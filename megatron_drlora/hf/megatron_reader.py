@@ -230,11 +230,17 @@ def check_base_against(base: DistCheckpoint, desc, padded_vocab: Optional[int] =
     if fc1[-2] != 2 * desc.moe_ffn_hidden_size:
         raise HFInteropError(f"{where}: expert fc1 has {fc1[-2]} rows, the HF model's experts "
                              f"need 2 x {desc.moe_ffn_hidden_size}")
-    features = {"q/k norms (qk_layernorm)": (m.Q_NORM, desc.qk_norm != "none"),
+    features = {"multi-latent attention": ("self_attention.linear_kv_down_proj.weight",
+                                           desc.mla),
                 "qkv biases": (m.QKV_BIAS, desc.qkv_bias),
                 "a shared expert": (m.SHARED_FC1, bool(desc.shared_expert_ffn)),
                 "an attention output bias": (m.PROJ_BIAS, desc.attention_output_bias),
                 "LayerNorm biases": (m.ATTN_NORM_BIAS, desc.normalization == "LayerNorm")}
+    if desc.mla:  # MLA's q latent norm has Qwen3's q norm key
+        features["a q LoRA (q_lora_rank)"] = ("self_attention.linear_q_down_proj.weight",
+                                               desc.q_lora_rank is not None)
+    else:
+        features["q/k norms (qk_layernorm)"] = (m.Q_NORM, desc.qk_norm != "none")
     for what, (suffixes, wanted) in features.items():
         suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
         if any(base.has_layer_tensor(s) for s in suffixes) != wanted:
