@@ -321,3 +321,164 @@ def test_merged_and_peft_exports_match_megatron(ds_runs, variant):
     merged = safe_open(os.path.join(run["root"], "merged_megatron_base",
                                     "model.safetensors"), "pt")
     assert "model.layers.1.self_attn.kv_a_proj_with_mqa.weight" in set(merged.keys())
+
+
+# --- the recipes and the converter -------------------------------------------------------------
+MLA_FLAGS = {"--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",
+             "--qk-pos-emb-head-dim", "--v-head-dim", "--rope-type", "--rotary-scaling-factor",
+             "--mscale", "--mscale-all-dim", "--moe-router-enable-expert-bias",
+             "--moe-router-num-groups", "--moe-router-group-topk",
+             "--moe-router-topk-scaling-factor", "--moe-router-dtype", "--rotary-interleaved"}
+MLA_SIZE_FLAGS = ("--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim", "--v-head-dim",
+                  "--moe-layer-freq", "--moe-shared-expert-intermediate-size")
+
+
+def _v2_lite():
+    """deepseek-ai/DeepSeek-V2-Lite's config.json as far as the converter reads it."""
+    from transformers import DeepseekV2Config
+
+    return DeepseekV2Config(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+        n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy",
+        n_group=1, topk_group=1, num_experts_per_tok=6, first_k_dense_replace=1,
+        norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        rope_parameters=dict(YARN, rope_theta=10000.0), tie_word_embeddings=False)
+
+
+def _moonlight():
+    """moonshotai/Moonlight-16B-A3B's config.json as far as the converter reads it."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=163840, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+        n_routed_experts=64, routed_scaling_factor=2.446, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=1, topk_group=1,
+        num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=True,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=50000.0,
+        tie_word_embeddings=False, num_nextn_predict_layers=0)
+
+
+RECIPES = {"v2_lite": ("deepseek_v2_lite_drlora.args", _v2_lite),
+           "moonlight": ("moonlight_16b_drlora.args", _moonlight)}
+
+
+def _recipe(name):
+    from tests.dist_harness import REPO
+
+    return REPO / "examples" / "recipes" / RECIPES[name][0]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_flags_are_the_converters(name):
+    """Every model flag the converter writes for the real model's config is in the recipe with
+    the same value, and the recipe sets no architecture flag the converter does not; the
+    DR-LoRA block is the paper's OLMoE column (same 64 experts per layer)."""
+    from megatron_drlora.hf.families import describe
+    from tests.recipes import same_values as same
+    from tests.test_hf_import import ARCHITECTURE_FLAGS, _flags
+
+    converter = _flags(describe(RECIPES[name][1]()).flags())
+    recipe = _flags(open(_recipe(name)).read().splitlines())
+    for flag, value in converter.items():
+        assert same(recipe.get(flag), value), f"recipe {flag} {recipe.get(flag)} != {value}"
+    extra = sorted(f for f in recipe if f in ARCHITECTURE_FLAGS | MLA_FLAGS and f not in converter)
+    assert not extra, f"the recipe sets {extra}, which the converter does not write"
+    for flag, value in {"--drlora-budget": ["64"], "--drlora-rank-init": ["32"],
+                        "--drlora-rank-max": ["128"], "--drlora-alpha": ["256"],
+                        "--drlora-grow-interval": ["200"], "--drlora-grow-buffer": ["200"],
+                        "--drlora-p-grow": ["0.1"], "--drlora-beta": ["0.9"],
+                        "--drlora-gamma": ["1.2"], "--drlora-targets": ["up,down"],
+                        "--lr": ["2e-5"], "--lr-decay-style": ["linear"],
+                        "--lr-warmup-fraction": ["0.03"]}.items():
+        assert recipe.get(flag) == value, (flag, recipe.get(flag))
+
+
+def _recipe_shaped_model(name, path):
+    """A tiny random model with the recipe's architecture (router, RoPE, norm eps, no q LoRA,
+    one dense layer, a shared expert): only sizes differ."""
+    if name == "v2_lite":
+        return make_hf_model("deepseek_v2", path, **VARIANTS["v2_lite"][1])
+    return make_hf_model("deepseek_v3", path, q_lora_rank=None, n_group=1, topk_group=1,
+                         num_experts_per_tok=2, routed_scaling_factor=2.446, rms_norm_eps=1e-5,
+                         rope_theta=50000.0)
+
+
+def _tiny_replace(base):
+    """The recipe's size-dependent flags taken from the tiny base."""
+    from tests.test_hf_import import _flags
+
+    tiny = _flags(open(os.path.join(base, "model.args")).read().splitlines())
+    return {f: tiny[f][0] for f in MLA_SIZE_FLAGS}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_loads_a_converted_base(megatron_single, tmp_path, name):
+    """The recipe's model flags with only the sizes and layout replaced by a tiny random
+    model's build a model that loads its converted base and gives transformers' logits."""
+    from megatron_drlora.hf import verify
+    from megatron_drlora.hf.importer import convert
+    from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+    from megatron_drlora.modeling import MoEModelArgs, padded_vocab_size
+    from tests.recipes import tiny_recipe_argv
+    from tests.test_hf_import import LAYOUT_FLAGS
+
+    hf_dir = _recipe_shaped_model(name, str(tmp_path / "hf"))
+    base = str(tmp_path / "base")
+    convert(hf_dir, base, log=lambda s: None)
+    replace = dict(LAYOUT_FLAGS, **_tiny_replace(base), **{"--seq-length": str(SEQ)})
+    args = parse_megatron_args(tiny_recipe_argv(_recipe(name), base, replace))
+    assert args.multi_latent_attention and args.q_lora_rank is None
+    assert args.rope_type == ("yarn" if name == "v2_lite" else "rope")
+    margs = MoEModelArgs.from_megatron_args(
+        args, padded_vocab_size(args.vocab_size, 1, args.make_vocab_size_divisible_by))
+    hf = verify.hf_logits(hf_dir, tokens())
+    chunks, _ = verify.build_megatron(margs, base)
+    diff = verify.max_abs_diff(verify.megatron_logits(chunks, tokens(), VOCAB), hf)
+    assert diff < TOL * float(hf.abs().max()), diff
+
+
+@pytest.mark.slow
+def test_recipe_trains_with_growth_and_exports(megatron_single, tmp_path):
+    """End to end on a tiny random Moonlight-shaped model with a Hugging Face tokenizer:
+    convert, run the recipe through examples/pretrain_gpt.py (1 process, 6 iterations, growth
+    at 2 and 4, the router trained after warm-up, the expert bias updated by Megatron), then
+    export merged and PEFT with --verify (transformers + peft against the Megatron model with
+    the adapters)."""
+    from megatron_drlora.hf.exporter import export
+    from megatron_drlora.hf.importer import convert
+    from tests.hf_tiny import make_tokenizer
+    from tests.megatron_runs import events, torchrun
+    from tests.recipes import training_argv
+
+    hf_dir = _recipe_shaped_model("moonlight", str(tmp_path / "hf"))
+    make_tokenizer(hf_dir)
+    base, ckpt = str(tmp_path / "base"), str(tmp_path / "ckpt")
+    convert(hf_dir, base, log=lambda s: None)
+    argv = training_argv(_recipe("moonlight"), base, ckpt, hf_dir, SEQ, nproc=1)
+    for flag, value in dict(_tiny_replace(base), **{"--train-iters": "6",
+                                                    "--save-interval": "6"}).items():
+        argv[argv.index(flag) + 1] = value
+    torchrun(1, argv, timeout=600)
+    grown = events(tmp_path / "ckpt")
+    assert [e["iteration"] for e in grown] == [2, 4]
+    ranks = torch.tensor(grown[-1]["rank_map"])
+    assert ranks.min() >= 32 and ranks.max() > 32  # r_init 32, grown
+    for fmt in ("merged", "peft"):  # in this process: tools/export_to_hf.py's export()
+        logs = []
+        result = export(ckpt, hf_dir, fmt, str(tmp_path / fmt), pretrained_checkpoint=base,
+                        verify=True, log=logs.append)
+        assert result["verified"]["max_rel_diff"] <= 1e-3, result["verified"]
+        print(fmt, [line for line in logs if "> verified" in line])
+
+
+@pytest.mark.parametrize("recipe,args_file,name", [
+    ("deepseek-v2-lite", "deepseek_v2_lite_drlora.args", "drlora-deepseek-v2-lite"),
+    ("moonlight", "moonlight_16b_drlora.args", "drlora-moonlight-16b")])
+def test_recipe_submit_script(tmp_path, recipe, args_file, name):
+    """`submit.sh deepseek-v2-lite|moonlight` hands the recipe to the sbatch script."""
+    from tests.test_sbatch_scripts import test_recipe_submit_script as check
+
+    check(recipe, args_file, name, tmp_path)

@@ -11,7 +11,7 @@
 # command (default sbatch).
 set -euo pipefail
 
-usage() { echo "usage: $0 {olmoe|phi} BASE_CKPT CKPT [sbatch options]" >&2; exit 2; }
+usage() { echo "usage: $0 {olmoe|phi|glm45-air|deepseek-v2-lite|moonlight} BASE_CKPT CKPT [sbatch options]" >&2; exit 2; }
 [ "$#" -ge 3 ] || usage
 recipe=$1 base=$2 ckpt=$3
 shift 3
@@ -19,7 +19,10 @@ case "$recipe" in
   olmoe) args_file=examples/recipes/olmoe_1b_7b_drlora.args; name=drlora-olmoe-1b-7b ;;
   phi)   args_file=examples/recipes/phi_mini_moe_drlora.args; name=drlora-phi-mini-moe ;;
   glm45-air) args_file=examples/recipes/glm45_air_drlora.args; name=drlora-glm45-air ;;
-  *) echo "$0: unknown recipe '$recipe' (olmoe or phi)" >&2; usage ;;
+  deepseek-v2-lite) args_file=examples/recipes/deepseek_v2_lite_drlora.args
+    name=drlora-deepseek-v2-lite ;;
+  moonlight) args_file=examples/recipes/moonlight_16b_drlora.args; name=drlora-moonlight-16b ;;
+  *) echo "$0: unknown recipe '$recipe' (olmoe, phi, glm45-air, deepseek-v2-lite or moonlight)" >&2; usage ;;
 esac
 [ -d "$base" ] || { echo "$0: BASE_CKPT '$base' is not a directory (the converter's --save)" >&2; exit 2; }
 base=$(cd "$base" && pwd)
