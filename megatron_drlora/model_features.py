@@ -18,6 +18,11 @@ entry, the converter and the exporter's check, so all three build the same model
   attention becomes `compat.mla_attention.MLACoreAttention` (and without `--q-lora-rank` the
   q latent norm the local spec sets, which MLASelfAttention refuses, is dropped); a TE spec is
   left as it is.
+- `--mla-latent-norm-epsilon`: the epsilon of MLA's q/kv latent RMSNorms when it is not
+  `--norm-epsilon` (transformers' DeepSeek-V2/V3 build them with 1e-6 whatever
+  `rms_norm_eps` says, e.g. Moonlight's 1e-5). Exact with the local spec's standalone norms;
+  Transformer Engine fuses them into the up projections with `--norm-epsilon` (a warning says
+  so; the difference is of the order of eps / the latent's mean square).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--moe-layer-input-jitter-eps", type=float, default=0.0,
                        help="Training only: scale the MoE layer input (router and experts) by "
                             "U(1-eps, 1+eps) twice (HF Phi-MoE input_jitter_noise).")
+    group.add_argument("--mla-latent-norm-epsilon", type=float, default=None,
+                       help="Epsilon of the MLA q/kv latent RMSNorms (default: --norm-epsilon; "
+                            "HF DeepSeek-V2/V3: 1e-6).")
 
 
 def _get(args, name, default):
@@ -56,13 +64,14 @@ def adjust_spec(block_spec, args):
                             _get(args, "moe_sparsemixer_jitter_eps", 0.01))
     proj_bias = _get(args, "add_attention_output_bias", False)
     mla = _get(args, "multi_latent_attention", False)
+    latent_eps = _get(args, "mla_latent_norm_epsilon", None) if mla else None
     if router is None and not proj_bias and not mla:
         return block_spec
     block_spec = copy.deepcopy(block_spec)
     for layer_spec in getattr(block_spec, "layer_specs", None) or [block_spec]:
         sub = _submodules(layer_spec)
         if mla:
-            _local_mla(sub.self_attention, _get(args, "q_lora_rank", None))
+            _local_mla(sub.self_attention, _get(args, "q_lora_rank", None), latent_eps)
         if proj_bias:
             attn = _submodules(sub.self_attention)
             attn.linear_proj = _with_bias(attn.linear_proj)
@@ -72,9 +81,10 @@ def adjust_spec(block_spec, args):
     return block_spec
 
 
-def _local_mla(attn_spec, q_lora_rank) -> None:
+def _local_mla(attn_spec, q_lora_rank, latent_eps) -> None:
     """MLA with the local spec: Megatron's DotProductAttention -> MLACoreAttention; without a
-    q LoRA, no q latent norm and a plain q projection (compat.mla_attention)."""
+    q LoRA, no q latent norm and a plain q projection (compat.mla_attention); the latent norms
+    with `latent_eps` when given."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.identity_op import IdentityOp
 
@@ -86,6 +96,28 @@ def _local_mla(attn_spec, q_lora_rank) -> None:
         if q_lora_rank is None:
             attn.q_layernorm = IdentityOp
             attn_spec.module = mla_attention.local_mla_self_attention()
+    if latent_eps is None:
+        return
+    fixed = False
+    for slot in ("q_layernorm", "kv_layernorm"):
+        norm = getattr(attn, slot, None)
+        if norm not in (None, IdentityOp):
+            setattr(attn, slot, _with_eps(norm, latent_eps))
+            fixed = True
+    if not fixed:
+        import warnings
+
+        warnings.warn(f"--mla-latent-norm-epsilon {latent_eps}: this layer spec fuses the MLA "
+                      f"latent norms into the up projections, which use --norm-epsilon")
+
+
+def _with_eps(norm, eps: float):
+    """A norm builder (called as norm(hidden_size=..., config=..., eps=...)) with `eps` fixed."""
+    def build(*args, **kwargs):
+        kwargs["eps"] = eps
+        return norm(*args, **kwargs)
+
+    return build
 
 
 def _submodules(spec):

@@ -90,6 +90,7 @@ class MoEModelArgs:
     rotary_scaling_factor: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    mla_latent_norm_epsilon: Optional[float] = None  # model_features
 
     @classmethod
     def from_megatron_args(cls, args, vocab_size: int) -> "MoEModelArgs":
@@ -132,6 +133,7 @@ class MoEModelArgs:
             add_output_layer_bias=getattr(args, "add_output_layer_bias", False),
             window_size=getattr(args, "window_size", None),
             moe_layer_input_jitter_eps=getattr(args, "moe_layer_input_jitter_eps", 0.0),
+            mla_latent_norm_epsilon=getattr(args, "mla_latent_norm_epsilon", None),
             **{k: getattr(args, k) for k in MLA_FIELDS if hasattr(args, k)})
 
 

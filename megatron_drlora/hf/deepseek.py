@@ -6,6 +6,8 @@ What the config means in Megatron (transformers 5's modeling code, eval mode):
   `q_a_layernorm` / `kv_a_layernorm`, are Megatron's `q_layernorm` / `kv_layernorm`),
   `--q-lora-rank` (absent: a plain q_proj, Megatron's `linear_q_proj`), `--kv-lora-rank`,
   `--qk-head-dim qk_nope_head_dim`, `--qk-pos-emb-head-dim qk_rope_head_dim`, `--v-head-dim`.
+  transformers builds the latent norms with eps 1e-6 whatever `rms_norm_eps` says: when that
+  differs (Moonlight's 1e-5), `--mla-latent-norm-epsilon 1e-06` (megatron_drlora.model_features).
   Megatron's MLA always de-interleaves the rope channels (pairs (2i, 2i+1) rotate together),
   which is DeepSeek-V2's complex rotation and V3's `rope_interleave: true`; for
   `rope_interleave: false` (rotate-half pairs (i, i + d/2)) the rope rows of the q and kv_a
@@ -36,6 +38,7 @@ from __future__ import annotations
 from typing import Callable
 
 FAMILIES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+LATENT_NORM_EPS = 1e-6  # transformers builds q_a/kv_a_layernorm with its RMSNorm's default
 YARN_FIXED = {"original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
 
 
@@ -88,6 +91,7 @@ def describe_deepseek(family: str, get: Callable, refuse: Callable, common: dict
         kv_lora_rank=int(get("kv_lora_rank")), qk_nope_head_dim=int(get("qk_nope_head_dim")),
         qk_rope_head_dim=rope_dim, v_head_dim=int(get("v_head_dim")),
         rope_interleave=bool(get("rope_interleave", True)) if family == "deepseek_v3" else True,
+        latent_norm_epsilon=LATENT_NORM_EPS,
         **rope, **router)
 
 

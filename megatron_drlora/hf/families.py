@@ -91,6 +91,7 @@ class ModelDescription:
     rope_scaling_factor: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    latent_norm_epsilon: Optional[float] = None  # MLA's q/kv latent norms (transformers: 1e-6)
 
     @property
     def mla(self) -> bool:
@@ -153,7 +154,12 @@ class ModelDescription:
                     kv_lora_rank=self.kv_lora_rank, qk_head_dim=self.qk_nope_head_dim,
                     qk_pos_emb_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
                     rope_type=self.rope_type, rotary_scaling_factor=self.rope_scaling_factor,
-                    mscale=self.mscale, mscale_all_dim=self.mscale_all_dim)
+                    mscale=self.mscale, mscale_all_dim=self.mscale_all_dim,
+                    mla_latent_norm_epsilon=self._latent_eps())
+
+    def _latent_eps(self) -> Optional[float]:
+        eps = self.latent_norm_epsilon
+        return None if eps is None or eps == self.norm_epsilon else eps
 
     def _mla_flags(self) -> List[str]:
         if not self.mla:
@@ -167,6 +173,8 @@ class ModelDescription:
         if self.rope_type == "yarn":
             f += [f"--rotary-scaling-factor {self.rope_scaling_factor!r}",
                   f"--mscale {self.mscale!r}", f"--mscale-all-dim {self.mscale_all_dim!r}"]
+        if self._latent_eps() is not None:
+            f.append(f"--mla-latent-norm-epsilon {self._latent_eps()!r}")
         return f
 
     def flags(self) -> List[str]:
