@@ -6,7 +6,8 @@ dimension and feature the conversion depends on) and refuses, naming the config 
 Megatron model built by `megatron_drlora.modeling` cannot reproduce exactly: sliding-window
 attention and output-projection biases (except Phi-MoE's, `megatron_drlora.hf.phimoe`), RoPE
 scaling, partial rotary embeddings and dense layers between MoE layers (except GLM-4.5's,
-`megatron_drlora.hf.glm4_moe`), q/k/v clipping, activations other than SiLU.
+`megatron_drlora.hf.glm4_moe`), q/k/v clipping, activations other than SiLU. DeepSeek-V2/V3
+(multi-latent attention, YaRN, their routers) are described in `megatron_drlora.hf.deepseek`.
 
 Router semantics. HF routers take a softmax over all experts, then the top-k. Mixtral always
 renormalises the top-k probabilities (and Qwen3-MoE by default, `norm_topk_prob`): the same as

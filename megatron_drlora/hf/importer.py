@@ -376,7 +376,8 @@ def _init_parallel(tp: int, ep: int, pp: int, etp: Optional[int]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Convert a local Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, "
-                    "OLMoE, Phi-MoE, GLM-4.5; safetensors + config.json) into a Megatron-Core base "
+                    "OLMoE, Phi-MoE, GLM-4.5, DeepSeek-V2/V3 incl. Moonlight; safetensors + "
+                    "config.json) into a Megatron-Core base "
                     "checkpoint for examples/pretrain_gpt.py --pretrained-checkpoint, plus its "
                     "model flags "
                     "(SAVE/model.args). Run with torchrun for a multi-process layout.")
