@@ -224,8 +224,10 @@ def test_config_json_keys_transformers_does_not_read_are_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_parallel_layout(ds_models, tmp_path):
-    """EP2 (2 gloo processes, 4 experts per rank) gives transformers' logits for V2 and V3."""
+def test_expert_and_tensor_parallel_layouts(ds_models, tmp_path):
+    """EP2 (2 gloo processes, 4 experts per rank) and TP2 (heads, latent projections and
+    experts split, sequence parallel) give transformers' logits for V2 (q LoRA, groups) and
+    Moonlight-shaped V3 (plain q, rotate-half rope rows), in one torchrun."""
     import json
 
     from tests.dist_harness import run_torchrun
@@ -236,10 +238,11 @@ def test_expert_parallel_layout(ds_models, tmp_path):
         os.symlink(ds_models[name], root / family)
     out = tmp_path / "diffs.json"
     run_torchrun("hf_convert_worker.py", 2, [root, tmp_path / "save", out, "--layouts",
-                                             "ep2:deepseek_v2,deepseek_v3"], timeout=300)
+                                             "ep2:deepseek_v2,deepseek_v3",
+                                             "tp2:deepseek_v2,deepseek_v3"], timeout=300)
     diffs = json.load(open(out))
     print(diffs)
-    assert set(diffs) == {"deepseek_v2/ep2", "deepseek_v3/ep2"}
+    assert set(diffs) == {f"deepseek_v{v}/{layout}" for v in (2, 3) for layout in ("ep2", "tp2")}
     assert all(d < min(TOL, REL * 3.0) for d in diffs.values()), diffs  # logits ~3.4
 
 
