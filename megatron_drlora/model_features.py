@@ -15,9 +15,12 @@ entry, the converter and the exporter's check, so all three build the same model
   same tensor in place). Megatron's own `--moe-input-jitter-eps` scales the router's input only.
 - `--multi-latent-attention` on the local spec (no Transformer Engine): Megatron's local
   `DotProductAttention` cannot take MLA's separate q/k and v head sizes, so the spec's core
-  attention becomes `compat.mla_attention.MLACoreAttention` (and without `--q-lora-rank` the
-  q latent norm the local spec sets, which MLASelfAttention refuses, is dropped); a TE spec is
-  left as it is.
+  attention becomes `compat.mla_attention.MLACoreAttention`; with TE it stays TE's.
+- MLA without `--q-lora-rank` but with `--qk-layernorm` (the kv latent norm): megatron-core
+  0.19 then gives the plain q projection a norm of its own (a fused norm+linear with TE; with
+  the local spec it refuses to build), which DeepSeek's q_proj does not have. The attention
+  class is given a plain q projection (`_plain_q_mla`), the kv latent norm as the spec has it
+  (standalone, or fused into linear_kv_up_proj with TE). Tested with the local spec only.
 - `--mla-latent-norm-epsilon`: the epsilon of MLA's q/kv latent RMSNorms when it is not
   `--norm-epsilon` (transformers' DeepSeek-V2/V3 build them with 1e-6 whatever
   `rms_norm_eps` says, e.g. Moonlight's 1e-5). Exact with the local spec's standalone norms;
@@ -71,7 +74,7 @@ def adjust_spec(block_spec, args):
     for layer_spec in getattr(block_spec, "layer_specs", None) or [block_spec]:
         sub = _submodules(layer_spec)
         if mla:
-            _local_mla(sub.self_attention, _get(args, "q_lora_rank", None), latent_eps)
+            _mla(sub.self_attention, _get(args, "q_lora_rank", None), latent_eps)
         if proj_bias:
             attn = _submodules(sub.self_attention)
             attn.linear_proj = _with_bias(attn.linear_proj)
@@ -81,21 +84,21 @@ def adjust_spec(block_spec, args):
     return block_spec
 
 
-def _local_mla(attn_spec, q_lora_rank, latent_eps) -> None:
-    """MLA with the local spec: Megatron's DotProductAttention -> MLACoreAttention; without a
-    q LoRA, no q latent norm and a plain q projection (compat.mla_attention); the latent norms
-    with `latent_eps` when given."""
+def _mla(attn_spec, q_lora_rank, latent_eps) -> None:
+    """MLA layers (see the module docstring): the CPU core attention on the local spec; without
+    a q LoRA a plain q projection; the latent norms with `latent_eps` when given."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     attn = _submodules(attn_spec)
-    if getattr(attn, "core_attention", None) is DotProductAttention:
-        from megatron_drlora.compat import mla_attention
+    if getattr(attn, "core_attention", None) is DotProductAttention:  # local spec, no TE
+        from megatron_drlora.compat.mla_attention import MLACoreAttention
 
-        attn.core_attention = mla_attention.MLACoreAttention
-        if q_lora_rank is None:
-            attn.q_layernorm = IdentityOp
-            attn_spec.module = mla_attention.local_mla_self_attention()
+        attn.core_attention = MLACoreAttention
+    if q_lora_rank is None and getattr(attn_spec, "module", None) is MLASelfAttention:
+        attn.q_layernorm = IdentityOp
+        attn_spec.module = _plain_q_mla()
     if latent_eps is None:
         return
     fixed = False
@@ -109,6 +112,29 @@ def _local_mla(attn_spec, q_lora_rank, latent_eps) -> None:
 
         warnings.warn(f"--mla-latent-norm-epsilon {latent_eps}: this layer spec fuses the MLA "
                       f"latent norms into the up projections, which use --norm-epsilon")
+
+
+_PLAIN_Q_MLA = []
+
+
+def _plain_q_mla():
+    """MLASelfAttention whose q projection (no q LoRA) is the spec's plain linear, not a
+    norm+linear; the kv latent norm and up projection as the spec gives them."""
+    if _PLAIN_Q_MLA:
+        return _PLAIN_Q_MLA[0]
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class PlainQMLASelfAttention(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules):
+            if self.config.q_lora_rank is not None or not self.config.qk_layernorm:
+                return super()._resolve_qk_norm_config(submodules)
+            return dict(linear_q_proj=submodules.linear_q_proj, linear_q_up_proj=IdentityOp,
+                        linear_kv_up_proj=submodules.linear_kv_up_proj,
+                        q_layernorm=IdentityOp, kv_layernorm=submodules.kv_layernorm or IdentityOp)
+
+    _PLAIN_Q_MLA.append(PlainQMLASelfAttention)
+    return PlainQMLASelfAttention
 
 
 def _with_eps(norm, eps: float):

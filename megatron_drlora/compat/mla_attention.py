@@ -73,22 +73,3 @@ class MLACoreAttention(MegatronModule):
         context = torch.matmul(probs, value.permute(1, 2, 0, 3))  # [b, n, sq, dv]
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * value.shape[-1])
 
-
-def local_mla_self_attention():
-    """Megatron's MLASelfAttention for the local spec without a q LoRA (DeepSeek-V2-Lite,
-    Moonlight): with `qk_layernorm` (the kv latent norm) megatron-core 0.19 then asks for a
-    fused norm+linear q projection, which only Transformer Engine has (and which would add a
-    norm the HF model does not have). Here the q projection is the spec's plain linear, the kv
-    latent norm the spec's standalone norm."""
-    from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-
-    class LocalMLASelfAttention(MLASelfAttention):
-        def _resolve_qk_norm_config(self, submodules):
-            if self.config.q_lora_rank is not None or not self.config.qk_layernorm:
-                return super()._resolve_qk_norm_config(submodules)
-            return dict(linear_q_proj=submodules.linear_q_proj, linear_q_up_proj=IdentityOp,
-                        linear_kv_up_proj=submodules.linear_kv_up_proj,
-                        q_layernorm=IdentityOp, kv_layernorm=submodules.kv_layernorm)
-
-    return LocalMLASelfAttention
