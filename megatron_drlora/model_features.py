@@ -15,7 +15,8 @@ entry, the converter and the exporter's check, so all three build the same model
   same tensor in place). Megatron's own `--moe-input-jitter-eps` scales the router's input only.
 - `--multi-latent-attention` on the local spec (no Transformer Engine): Megatron's local
   `DotProductAttention` cannot take MLA's separate q/k and v head sizes, so the spec's core
-  attention becomes `compat.mla_attention.MLACoreAttention`; with TE it stays TE's.
+  attention becomes `compat.mla_attention.MLACoreAttention` (CPU builds only: never with CUDA
+  or TE present); with TE it stays TE's.
 - MLA without `--q-lora-rank` but with `--qk-layernorm` (the kv latent norm): megatron-core
   0.19 then gives the plain q projection a norm of its own (a fused norm+linear with TE; with
   the local spec it refuses to build), which DeepSeek's q_proj does not have. The attention
@@ -92,7 +93,8 @@ def _mla(attn_spec, q_lora_rank, latent_eps) -> None:
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     attn = _submodules(attn_spec)
-    if getattr(attn, "core_attention", None) is DotProductAttention:  # local spec, no TE
+    local = getattr(attn, "core_attention", None) is DotProductAttention  # no TE
+    if local and not torch.cuda.is_available():  # the CPU build only (compat)
         from megatron_drlora.compat.mla_attention import MLACoreAttention
 
         attn.core_attention = MLACoreAttention
