@@ -187,6 +187,8 @@ def test_rope_layout_and_yarn_change_the_logits(ds_models, tmp_path):
     ("deepseek_v2", dict(num_experts_per_tok=4), "topk_group"),  # top-2 per group != max
     ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method"),
     ("deepseek_v2", dict(attention_bias=True), "attention_bias"),
+    ("deepseek_v2", dict(num_experts_per_tok=None), "num_experts_per_tok"),
+    ("deepseek_v2", dict(n_group=None), "n_group"),
     ("deepseek_v2", dict(mlp_bias=True), "mlp_bias"),
     ("deepseek_v2", dict(rope_parameters=dict(YARN, original_max_position_embeddings=2048)),
      "original_max_position_embeddings"),

@@ -48,6 +48,10 @@ def describe_deepseek(family: str, get: Callable, refuse: Callable, common: dict
     from megatron_drlora.hf.glm4_moe import sigmoid_router
 
     layers, heads = common["num_layers"], common["num_attention_heads"]
+    for key in ("n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_rope_head_dim",
+                "qk_nope_head_dim", "v_head_dim", "moe_intermediate_size"):
+        if get(key, None) is None:
+            refuse(key, None, "an MoE model with multi-latent attention needs it set")
     experts = int(get("n_routed_experts"))
     topk = int(get("num_experts_per_tok"))
     for key in ("attention_bias", "mlp_bias"):
@@ -102,6 +106,9 @@ def _softmax_router(get, refuse, experts: int, topk: int) -> dict:
     method = get("topk_method", "greedy") or "greedy"
     groups, group_topk = None, None
     if method == "group_limited_greedy":
+        for key in ("n_group", "topk_group"):
+            if get(key, None) is None:
+                refuse(key, None, "group_limited_greedy needs n_group and topk_group")
         groups, group_topk = int(get("n_group")), int(get("topk_group"))
         if experts % groups or not 1 <= group_topk <= groups:
             refuse("n_group", groups, f"{experts} experts in equal groups, topk_group "
