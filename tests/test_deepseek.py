@@ -211,13 +211,16 @@ def test_unsupported_features_are_refused_by_key(tmp_path, family, override, key
 
 
 def test_config_json_keys_transformers_does_not_read_are_checked(tmp_path):
-    """DeepSeek's own config.json keys: moe_layer_freq != 1 and a scoring_func other than the
-    family's router are refused by name."""
+    """DeepSeek's own config.json keys: moe_layer_freq != 1, a scoring_func other than the
+    family's router and DeepSeek-V3's FP8 quantization_config are refused by name."""
     from megatron_drlora.hf.common import HFInteropError
     from megatron_drlora.hf.families import describe
 
     for family, extra, key in (("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq"),
-                               ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func")):
+                               ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
+                               ("deepseek_v3", {"quantization_config": {
+                                   "quant_method": "fp8", "fmt": "e4m3"}},
+                                "quantization_config")):
         cfg = hf_config(family)
         for k, v in extra.items():
             setattr(cfg, k, v)

@@ -54,6 +54,11 @@ def describe_deepseek(family: str, get: Callable, refuse: Callable, common: dict
             refuse(key, None, "an MoE model with multi-latent attention needs it set")
     experts = int(get("n_routed_experts"))
     topk = int(get("num_experts_per_tok"))
+    quant = get("quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        refuse("quantization_config", method, "quantized (e.g. DeepSeek-V3's FP8) weights; "
+               "convert a bf16 / fp32 copy")
     for key in ("attention_bias", "mlp_bias"):
         if get(key, False):
             refuse(key, True, "biases in MLA / MLP projections")
