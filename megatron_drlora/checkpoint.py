@@ -19,6 +19,7 @@ Layout (Megatron-LM's): `ROOT/iter_0000100/` and `ROOT/latest_checkpointed_itera
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Dict, Optional
 
@@ -227,6 +228,25 @@ def _flags_for(key: str) -> str:
     return "--num-layers, --hidden-size"
 
 
+def _training_state(key: str) -> bool:
+    """A saved key that is not the model's: optimizer state (`optimizer.*`, and
+    `chained_N.optimizer.*` from a chained or distributed optimizer) or RNG state."""
+    return re.match(r"(chained_\d+\.)?optimizer\.|rng_state", key) is not None
+
+
+def _whole_model_keys(want: Dict) -> set:
+    """The keys every rank requests together: a pipeline stage or an expert-parallel rank
+    builds only part of the model, so what the base holds beyond one rank's part is used
+    elsewhere. Only the key names travel (one gather at load time)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return set(want)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, sorted(want))
+    return set().union(*parts)
+
+
 def check_base_fits(request: Dict, meta: Dict, path: str) -> None:
     """Before loading: every tensor the model these flags build must be in the base with its
     shape (vocabulary rows aside: Megatron-LM repads them), and every model tensor of the base
@@ -235,12 +255,12 @@ def check_base_fits(request: Dict, meta: Dict, path: str) -> None:
     from megatron_drlora.modeling import sharded_tensors
 
     want = {sh.key: tuple(sh.global_shape) for sh in sharded_tensors(request)}
-    base = {k: tuple(v.global_shape) for k, v in meta.items()
-            if not k.startswith("optimizer.") and not k.startswith("rng_state")}
+    unused_check = _whole_model_keys(want)
+    base = {k: tuple(v.global_shape) for k, v in meta.items() if not _training_state(k)}
     problems = []
     for key in sorted(set(want) - set(base)):
         problems.append(f"{key} {want[key]} is not in the base ({_flags_for(key)})")
-    for key in sorted(set(base) - set(want)):
+    for key in sorted(set(base) - unused_check):
         problems.append(f"the base has {key} {base[key]}, which these flags do not build "
                         f"({_flags_for(key)})")
     for key in sorted(set(want) & set(base)):

@@ -49,9 +49,23 @@ def torchrun(nproc, args, timeout=400, expect_ok=True, entry=ENTRY, env=None):
     return result
 
 
+_READ = {}  # (checkpoint directory, its metadata's mtime) -> what read_checkpoint returned
+
+
 def read_checkpoint(iter_dir, tmp):
     """Every tensor and the DR-LoRA state of a checkpoint, read by a separate process that
-    knows nothing of the model code (tests/workers/read_checkpoint.py)."""
+    knows nothing of the model code (tests/workers/read_checkpoint.py). Each checkpoint is
+    read once per test process (a read costs a process start-up): callers must not modify
+    the result."""
+    meta = os.path.join(str(iter_dir), "metadata.json")
+    key = (os.path.realpath(str(iter_dir)), os.stat(meta).st_mtime_ns if os.path.exists(meta)
+           else None)
+    if key not in _READ:
+        _READ[key] = _read_checkpoint(iter_dir, tmp)
+    return _READ[key]
+
+
+def _read_checkpoint(iter_dir, tmp):
     out = tmp / f"read_{os.path.basename(str(iter_dir))}_{free_port()}.pt"
     subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "read_checkpoint.py"),
                     str(iter_dir), str(out), str(free_port())], check=True, cwd=str(REPO),

@@ -32,7 +32,11 @@ def _request():
 
 def test_a_fitting_base_passes_and_vocabulary_rows_may_differ():
     base = dict(MODEL, **{"embedding.word_embeddings.weight": (96, 32),
-                          "optimizer.state.exp_avg.decoder.x": (3,)})
+                          "optimizer.state.exp_avg.decoder.x": (3,),
+                          # the distributed optimizer's and a chained optimizer's own keys
+                          "chained_1.optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_"
+                          "(torch.float32, torch.float32).bucket_idx_0.exp_avg": (4096,),
+                          "rng_state": (2,)})
     check_base_fits(_request(), _meta(base), "BASE")
 
 

@@ -119,7 +119,7 @@ def _parse_only(extra):
 B4 = ["--drlora-budget", "4", "--drlora-p-grow", "0.5"]
 
 
-@pytest.mark.parametrize("extra, needle", [
+REFUSALS = [
     (B4 + ["--drlora-saliency", "magic"], "--drlora-saliency"),
     (B4, "--pretrained-checkpoint BASE"),
     (B4 + ["--pretrained-checkpoint", "/nope/base"],
@@ -128,12 +128,29 @@ B4 = ["--drlora-budget", "4", "--drlora-p-grow", "0.5"]
     (B4 + ["--pretrained-checkpoint", ".", "--save", "x", "--save-interval", "2",
            "--ckpt-format", "torch"], "use --ckpt-format torch_dist"),
     (["--no-such-megatron-flag"], "unrecognized arguments: --no-such-megatron-flag"),
-])
-def test_bad_flags_are_refused_before_any_work(extra, needle):
-    proc = _parse_only(extra)
-    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-    assert needle in proc.stderr
-    assert "initializing torch distributed" not in proc.stdout
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """Every case through the entry's argument parsing, in one process
+    (tests/workers/parse_cases.py); the CLI path itself is tested by
+    test_a_base_given_to_load_is_refused_before_any_work."""
+    tmp = tmp_path_factory.mktemp("refusals")
+    cases = [TINY + ["--train-iters", "4"] + extra for extra, _ in REFUSALS]
+    json.dump(cases, open(tmp / "cases.json", "w"))
+    subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "parse_cases.py"),
+                    str(tmp / "cases.json"), str(tmp / "out.json")], check=True,
+                   cwd=str(REPO), timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return json.load(open(tmp / "out.json"))
+
+
+@pytest.mark.parametrize("case", range(len(REFUSALS)), ids=[n for _, n in REFUSALS])
+def test_bad_flags_are_refused_before_any_work(case, refusals):
+    got, needle = refusals[case], REFUSALS[case][1]
+    assert got["returncode"] == 2, (got["stdout"][-2000:], got["stderr"][-2000:])
+    assert needle in got["stderr"]
+    assert "initializing torch distributed" not in got["stdout"]
 
 
 # Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh, flag for flag: only the
