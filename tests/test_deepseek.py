@@ -201,6 +201,7 @@ def test_rope_layout_and_yarn_change_the_logits(ds_models, tmp_path):
     ("deepseek_v3", dict(topk_method="greedy"), "topk_method"),
     ("deepseek_v3", dict(first_k_dense_replace=3), "first_k_dense_replace"),
     ("deepseek_v3", dict(hidden_act="gelu"), "hidden_act"),
+    ("deepseek_v3", dict(n_shared_experts=0), "n_shared_experts"),
 ])
 def test_unsupported_features_are_refused_by_key(tmp_path, family, override, key):
     from megatron_drlora.hf.common import HFInteropError

@@ -88,6 +88,9 @@ def describe_deepseek(family: str, get: Callable, refuse: Callable, common: dict
         refuse("qk_rope_head_dim", rope_dim, "an even rotary dimension")
     q_lora = get("q_lora_rank", None)
     shared = int(get("n_shared_experts", 0) or 0)
+    if shared < 1:
+        refuse("n_shared_experts", shared, "transformers builds a shared expert of "
+               "n_shared_experts x moe_intermediate_size in every MoE layer")
     moe_ffn = int(get("moe_intermediate_size"))
     common = dict(common, head_dim=common["hidden_size"] // heads, num_query_groups=heads)
     return ModelDescription(
