@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 
+from tests import prefork
 from tests.conftest import free_port
 from tests.dist_harness import REPO
 from tests.train_flags import DRLORA, TINY
@@ -21,12 +22,26 @@ from tests.train_flags import DRLORA, TINY
 ENTRY = str(REPO / "examples" / "pretrain_gpt.py")
 
 
-def torchrun(nproc, args, timeout=400, expect_ok=True, entry=ENTRY, env=None):
-    """torchrun ENTRY args in its own session; output goes to files, not pipes, and whatever
+def torchrun(nproc, args, timeout=400, expect_ok=True, entry=ENTRY, env=None,
+             launcher="prefork"):
+    """ENTRY args in `nproc` ranks. `launcher="prefork"` (tests/prefork.py) forks ranks from
+    a server that has imported torch and Megatron once; `launcher="torchrun"` runs the real
+    torchrun, for what only its agent does. Either way the output goes to files and whatever
     the run leaves behind (a rank killed mid-save orphans its checkpoint writer's Manager
-    process) is killed with the session, so a crashed run can neither hang the test nor
-    outlive it."""
+    process) is killed with the launch's session, so a crashed run can neither hang the test
+    nor outlive it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    if launcher == "prefork":
+        result = prefork.launch(entry, args, nproc, timeout, env=env)
+    else:
+        result = _real_torchrun(nproc, args, timeout, entry, env)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def _real_torchrun(nproc, args, timeout, entry, env):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", entry] + list(args)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -42,11 +57,7 @@ def torchrun(nproc, args, timeout=400, expect_ok=True, entry=ENTRY, env=None):
             proc.wait()
         out.seek(0)
         err.seek(0)
-        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
-    if expect_ok and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-5000:]}")
-    return result
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 _READ = {}  # (checkpoint directory, its metadata's mtime) -> what read_checkpoint returned
