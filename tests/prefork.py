@@ -11,8 +11,8 @@ and its ranks form one session the client kills on timeout or when they are done
 outlives a launch.
 
 What this does not replace: torchrun's agent itself (rendezvous across nodes, signal
-forwarding, restarts). Tests of those (tests/test_multinode.py, the SLURM scripts, the Mixtral
-example script, the crash-in-save test) launch real torchrun.
+forwarding, restarts). Tests of those (tests/test_multinode.py, the SLURM scripts, the demo,
+the Mixtral example script) launch real torchrun.
 """
 
 from __future__ import annotations

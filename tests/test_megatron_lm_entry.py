@@ -192,10 +192,11 @@ def test_megatron_lm_example_script_runs_with_drlora_flags_added(work):
     base = work / "mixtral_base"
     torchrun(2, script + ["--save", str(base), "--save-interval", "7"])
     run = work / "mixtral_drlora"
+    # the real torchrun here: the command a user types, agent and all
     proc = torchrun(2, script + ["--pretrained-checkpoint", str(base), "--save", str(run),
                                  "--save-interval", "7", "--drlora-budget", "4",
                                  "--drlora-p-grow", "0.5", "--drlora-grow-interval", "2",
-                                 "--drlora-grow-buffer", "1"])
+                                 "--drlora-grow-buffer", "1"], launcher="torchrun")
     text = proc.stdout + proc.stderr
     assert "growth event at step" in text and "drlora avg rank" in text
     steps = [json.loads(line) for line in open(run / "drlora_steps.jsonl")]
