@@ -2,7 +2,8 @@
 
 - `adapter_sharded_state_dict`: the adapter factors as ShardedTensors keyed by global identity
   (`drlora.layers.{layer}.{projection}_{A|B}`, experts sharded over EP, the base layer's
-  dimension over expert-TP), so a checkpoint loads under any TP/EP/PP layout. Megatron-LM's
+  dimension over expert-TP; shared experts' LoRA `drlora.shared.{layer}.{projection}_{A|B}`,
+  sharded over TP), so a checkpoint loads under any TP/EP/PP layout. Megatron-LM's
   checkpointing writes them through `megatron_lm.checkpoint_view`.
 - `drlora_state`: the DR-LoRA state (config, rank map, saliency EMAs) of a checkpoint's common
   state, wherever Megatron-LM put it (`model` or `model0`).
@@ -118,6 +119,26 @@ def adapter_sharded_state_dict(handle, layers=None) -> Dict:
                 key = f"drlora.layers.{layer.layer}.{name}_{which}"
                 out[key] = ShardedTensor.from_rank_offsets(
                     key, bank.factor(name, which), *offsets, replica_id=replica)
+        if layer.shared is not None:
+            out.update(_shared_sharded_state_dict(layer.shared))
+    return out
+
+
+def _shared_sharded_state_dict(adapter) -> Dict:
+    """A shared expert's LoRA (`drlora.shared.{layer}.{projection}_{A|B}`): sharded over TP
+    like its dense base layer, replicated over the whole data-parallel group."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    dp_rank = comm.data_parallel_rank()
+    for name in adapter.projection_names:
+        spec = adapter.specs[name]
+        for which, sharded, dim in (("A", spec.a_sharded, 1), ("B", spec.b_sharded, 0)):
+            offsets = [(dim, spec.tp_rank, spec.tp_size)] if sharded else []
+            key = f"drlora.shared.{adapter.layer}.{name}_{which}"
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, adapter.factor(name, which), *offsets,
+                replica_id=(0, 0 if sharded else spec.tp_rank, dp_rank))
     return out
 
 

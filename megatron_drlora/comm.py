@@ -81,6 +81,15 @@ def expert_data_parallel_rank() -> int:
     return ps.get_expert_data_parallel_rank()
 
 
+def data_parallel_rank() -> int:
+    """Rank among the replicas of dense (non-expert) weights, context parallelism included."""
+    if not is_distributed():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(with_context_parallel=True)
+
+
 # --- the per-step statistics reduction ------------------------------------------------------
 def reduce_step_statistics(*tensors: torch.Tensor) -> list:
     """Sum each tensor over all ranks in ONE fused all-reduce (float64); returns new tensors.

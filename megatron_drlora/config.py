@@ -21,6 +21,7 @@ FREQUENCY_SOURCES = ("weight", "count")
 ALLOCATION_SCOPES = ("layer", "global")
 METHODS = ("drlora", "uniform")
 ROUTER_MODES = ("warmup_frozen", "frozen", "trained")
+SHARED_EXPERT_MODES = ("none", "uniform")
 
 
 class DRLoRAConfigError(ValueError):
@@ -74,6 +75,10 @@ class DRLoRAConfig:
                        "(paper), always frozen, or always trained.", choices=ROUTER_MODES)
     seed: int = _opt(1234, "Seed of the adapter init; the init of (layer, expert, projection) "
                      "depends only on this seed, never on the parallel layout.")
+    shared_experts: str = _opt("none", "Shared experts: no adapter (paper), or uniform LoRA at "
+                               "r_target on the shared expert's target projections, counted "
+                               "outside the DR-LoRA budget (never grown, no saliency).",
+                               choices=SHARED_EXPERT_MODES)
     rank_map: Optional[List] = _opt(None, "A fixed heterogeneous allocation: a JSON file with "
                                     "the ranks [MoE layer][expert][target projection] (a list, "
                                     "or {\"rank_map\": list}), each in [0, r_max]. The run "
@@ -177,7 +182,8 @@ class DRLoRAConfig:
         if self.rank_map is not None:
             self._validate_rank_map(bad)
         for name, choices in (("allocation", ALLOCATION_SCOPES), ("saliency", SALIENCY_VARIANTS),
-                              ("frequency", FREQUENCY_SOURCES), ("router", ROUTER_MODES)):
+                              ("frequency", FREQUENCY_SOURCES), ("router", ROUTER_MODES),
+                              ("shared_experts", SHARED_EXPERT_MODES)):
             if getattr(self, name) not in choices:
                 bad(name, f"unknown value {getattr(self, name)!r}; choose one of "
                     f"{', '.join(choices)}")
@@ -263,6 +269,7 @@ class DRLoRAConfig:
                 f"targets={','.join(self.targets)} saliency={self.saliency} "
                 f"allocation={self.allocation} beta={self.beta} gamma={self.gamma} "
                 f"p_grow={self.p_grow} T_grow={self.grow_interval} T_buffer={self.grow_buffer}"
+                f" shared_experts={self.shared_experts}"
                 f"{' rank_map=fixed (no growth)' if self.rank_map is not None else ''}")
 
 

@@ -30,7 +30,9 @@ from megatron_drlora.statistics import RoutingStatistics, local_sensitivity
 logger = logging.getLogger("megatron_drlora")
 
 # What a run started from saved adapters must share with them: the factors' shapes.
-SHAPE_SETTINGS = ("r_max", "targets")
+SHAPE_SETTINGS = ("r_max", "targets", "shared_experts")
+# What a checkpoint written before a setting existed meant by it.
+SETTING_DEFAULTS = {"shared_experts": "none"}
 
 
 @dataclass
@@ -254,7 +256,8 @@ class DRLoRAController:
                 "p_grow": cfg.p_grow, "grow_interval": cfg.grow_interval,
                 "grow_buffer": cfg.grow_buffer, "allocation": cfg.allocation,
                 "saliency": cfg.saliency, "frequency": cfg.frequency, "router": cfg.router,
-                "seed": cfg.seed, "t_warmup": sched.t_warmup, "train_iters": sched.train_iters}
+                "seed": cfg.seed, "t_warmup": sched.t_warmup, "train_iters": sched.train_iters,
+                "shared_experts": cfg.shared_experts}
 
     def state_dict(self) -> Dict:
         return {
@@ -263,6 +266,8 @@ class DRLoRAController:
             "config": self.config.to_dict(),
             "settings": self.settings(),
             "num_events": len(self.events),
+            # reported apart from the routed budget (--drlora-shared-experts)
+            "shared_experts": self.handle.shared_summary(),
         }
 
     def load_state_dict(self, state: Dict, new_run: bool = False) -> None:
@@ -276,8 +281,9 @@ class DRLoRAController:
                              f"projections)")
         saved, now = state.get("settings", {}), self.settings()
         keys = SHAPE_SETTINGS if new_run else tuple(now)
-        differ = [f"{k} {saved.get(k)!r} (this run: {now[k]!r})" for k in keys
-                  if saved.get(k) != now[k]]
+        differ = [f"{k} {saved.get(k, SETTING_DEFAULTS.get(k))!r} (this run: {now[k]!r}"
+                  f"{', --drlora-shared-experts' if k == 'shared_experts' else ''})"
+                  for k in keys if saved.get(k, SETTING_DEFAULTS.get(k)) != now[k]]
         if differ:
             raise ValueError("the checkpoint was made with other DR-LoRA settings: "
                              + ", ".join(differ))

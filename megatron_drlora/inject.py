@@ -18,6 +18,7 @@ import torch
 from megatron_drlora import comm
 from megatron_drlora.adapters.bank import ExpertLoRABank, ProjectionSpec
 from megatron_drlora.adapters import experts as attach
+from megatron_drlora.adapters.shared import SharedExpertLoRA, attach_to_shared_expert
 from megatron_drlora.compat import megatron as mcompat
 from megatron_drlora.config import DRLoRAConfig
 
@@ -39,13 +40,17 @@ class AdaptedLayer:
     kind: str                 # sequential / te_grouped / legacy_grouped
     bank: ExpertLoRABank
     handles: List = field(default_factory=list)
+    # --drlora-shared-experts uniform: the shared expert's LoRA (outside the DR-LoRA budget)
+    shared: Optional[SharedExpertLoRA] = None
+    shared_handles: List = field(default_factory=list)
 
 
 def projection_specs(config: DRLoRAConfig, model_config, etp_size: int,
-                     etp_rank: int) -> List[ProjectionSpec]:
-    """Shapes of the adapted projections of one expert, in config.targets order."""
+                     etp_rank: int, ffn: Optional[int] = None) -> List[ProjectionSpec]:
+    """Shapes of the adapted projections of one expert (or, with `ffn`, of the shared
+    expert), in config.targets order."""
     hidden = model_config.hidden_size
-    ffn = model_config.moe_ffn_hidden_size or model_config.ffn_hidden_size
+    ffn = ffn or model_config.moe_ffn_hidden_size or model_config.ffn_hidden_size
     gated = bool(model_config.gated_linear_unit)
     if getattr(model_config, "moe_latent_size", None):
         raise DRLoRAInjectionError("DR-LoRA does not support MoE latent projections "
@@ -86,6 +91,13 @@ class DRLoRAModel:
     def lora_parameters(self) -> Iterator[torch.nn.Parameter]:
         for layer in self.layers:
             yield from layer.bank.parameters()
+
+    def shared_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The shared experts' uniform LoRA (--drlora-shared-experts uniform): trained, but
+        outside the DR-LoRA budget, its statistics and the rank map."""
+        for layer in self.layers:
+            if layer.shared is not None:
+                yield from layer.shared.parameters()
 
     def router_parameters(self) -> Iterator[torch.nn.Parameter]:
         for layer in self.layers:
@@ -145,6 +157,28 @@ class DRLoRAModel:
             * cfg.rank_max,
         }
 
+    def shared_summary(self) -> Dict:
+        """The shared experts' adapters over all MoE layers (every MoE layer has one when they
+        are adapted; full, unsharded sizes), next to the routed budget over the same layers."""
+        shared = [layer.shared for layer in self.layers if layer.shared is not None]
+        per_layer = shared[0].num_parameters() if shared else 0
+        routed = self.summary()
+        here = max(1, routed["moe_layers_here"])
+        return {"mode": self.config.shared_experts, "rank": self.config.budget if shared else 0,
+                "layers": self.num_moe_layers if shared else 0,
+                "params": per_layer * self.num_moe_layers if shared else 0,
+                "routed_params_at_r_target": routed["params_at_r_target"] // here
+                * self.num_moe_layers}
+
+    def shared_summary_text(self) -> str:
+        s = self.shared_summary()
+        if not s["layers"]:
+            return f"DR-LoRA shared experts: no adapter (--drlora-shared-experts {s['mode']})"
+        return (f"DR-LoRA shared experts: uniform LoRA rank {s['rank']} on the shared experts "
+                f"of {s['layers']} MoE layers ({','.join(self.projections)}) = {s['params']:,} "
+                f"params, outside the DR-LoRA budget (routed experts at r_target: "
+                f"{s['routed_params_at_r_target']:,} params, all MoE layers)")
+
     def summary_text(self) -> str:
         s = self.summary()
         kinds = sorted({layer.kind for layer in self.layers})
@@ -159,9 +193,9 @@ class DRLoRAModel:
     def remove(self) -> None:
         """Detach all hooks (the banks stay registered, so state can still be read)."""
         for layer in self.layers:
-            for handle in layer.handles:
+            for handle in layer.handles + layer.shared_handles:
                 handle.remove()
-            layer.handles = []
+            layer.handles, layer.shared_handles = [], []
         for handle in self._input_grad_hooks:
             handle.remove()
         self._input_grad_hooks = []
@@ -224,8 +258,9 @@ def apply_drlora(model, config: DRLoRAConfig, log: Optional[Callable[[str], None
     _verify_every_expert_adapted(handle)
     if getattr(model_config, "recompute_granularity", None) is not None:
         handle._input_grad_hooks = _make_inputs_require_grad(chunks)
-    text = handle.summary_text()
-    (log or logger.info)(text)
+    (log or logger.info)(handle.summary_text())
+    if config.shared_experts != "none":
+        (log or logger.info)(handle.shared_summary_text())
     return handle
 
 
@@ -263,7 +298,40 @@ def _adapt_layer(mlp, layer_index, moe_index, num_experts, config, model_config,
         handles = attach.attach_to_grouped_linears(experts, bank, etp_group)
     else:
         handles = attach.attach_to_legacy_grouped(experts, bank, etp_group, gmm=legacy_gmm)
-    return AdaptedLayer(moe_index, layer_index, mlp, experts, kind, bank, handles)
+    adapted = AdaptedLayer(moe_index, layer_index, mlp, experts, kind, bank, handles)
+    if config.shared_experts == "uniform":
+        _adapt_shared_expert(adapted, config, model_config)
+    return adapted
+
+
+def _adapt_shared_expert(adapted: AdaptedLayer, config: DRLoRAConfig, model_config) -> None:
+    """Uniform LoRA at r_target on the shared expert (see adapters/shared.py)."""
+    shared = getattr(adapted.moe_layer, "shared_experts", None)
+    if shared is None:
+        raise DRLoRAInjectionError(
+            f"--drlora-shared-experts uniform: MoE layer {adapted.layer} has no shared expert "
+            f"(--moe-shared-expert-intermediate-size is not set); use --drlora-shared-experts "
+            f"none for a model without shared experts")
+    if getattr(shared.config, "moe_shared_expert_overlap", False):
+        raise DRLoRAInjectionError(
+            "--drlora-shared-experts uniform cannot be combined with "
+            "--moe-shared-expert-overlap (the overlapped shared expert runs its linears "
+            "outside their usual TP communication); drop --moe-shared-expert-overlap")
+    tp_group = getattr(shared, "tp_group", None)
+    tp_size, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
+    ffn = int(shared.config.ffn_hidden_size)  # SharedExpertMLP: the shared intermediate size
+    if ffn % tp_size:
+        raise DRLoRAInjectionError(f"the shared expert's intermediate size {ffn} is not "
+                                   f"divisible by the tensor-parallel size {tp_size}")
+    weight = shared.linear_fc1.weight
+    adapter = SharedExpertLoRA(
+        adapted.layer, projection_specs(config, model_config, tp_size, tp_rank, ffn=ffn),
+        rank=config.budget, scale=config.scale, dropout=config.dropout, seed=config.seed,
+        sequence_parallel=bool(shared.config.sequence_parallel), tp_group=tp_group,
+        dtype=weight.dtype, device=weight.device)
+    adapted.moe_layer.add_module("drlora_shared", adapter)
+    adapted.shared = adapter
+    adapted.shared_handles = attach_to_shared_expert(shared, adapter)
 
 
 def _verify_every_expert_adapted(handle: DRLoRAModel) -> None:

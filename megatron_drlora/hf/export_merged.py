@@ -3,7 +3,8 @@
 Every expert weight becomes W + s * B[:, :r] A[:r] with the expert's own active rank r and the
 constant DR-LoRA scale s, computed in fp32: the up adapter goes to the up projection (Megatron's
 fc1 is [gate; up], the adapter writes the second half), down to down_proj, gate (if targeted) to
-the gate projection. A router trained during fine-tuning (saved with the adapters) replaces the
+the gate projection; the shared expert's uniform LoRA (`--drlora-shared-experts uniform`) goes
+to its projections the same way. A router trained during fine-tuning (saved with the adapters) replaces the
 base router. Everything else comes from the base: the Megatron `--pretrained-checkpoint` when
 given (so a base trained or changed in Megatron exports too), else the HF model's own weights.
 
@@ -72,7 +73,8 @@ class HFBaseSource:
 @torch.no_grad()
 def merge_layer(tensors: Dict[str, torch.Tensor], names: HFNames, layer: int,
                 adapters: AdapterCheckpoint) -> None:
-    """Add s * B[:, :r] A[:r] of every adapted expert projection of `layer` (in fp32)."""
+    """Add s * B[:, :r] A[:r] of every adapted expert projection of `layer` (in fp32), and
+    s * B A of the shared expert's projections when they were adapted."""
     inter = names.desc.moe_ffn_hidden_size
     scale = adapters.scale
     factors = adapters.factors(layer)
@@ -92,6 +94,9 @@ def merge_layer(tensors: Dict[str, torch.Tensor], names: HFNames, layer: int,
             rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter),
                     "down": slice(None)}[proj]
             fused[expert, rows] += delta
+    for proj, f in adapters.shared_factors(layer).items():  # uniform LoRA, whole rank
+        name = names.shared(layer, proj)
+        tensors[name] = tensors[name].float() + scale * (f["B"] @ f["A"])
 
 
 def export_merged(adapters: AdapterCheckpoint, hf: HFCheckpoint, desc: ModelDescription,

@@ -21,6 +21,11 @@ Mixtral `block_sparse_moe.experts.3.w3`) with its exact rank: `target_modules` i
 lookup is linear in the number of keys), alpha = r with s folded into B. A rank-0 module gets
 one zero rank.
 
+Shared experts (only when trained with `--drlora-shared-experts uniform`) are plain modules in
+both layouts (`mlp.shared_expert.{gate,up,down}_proj`, DeepSeek/GLM `mlp.shared_experts.*`) at
+rank r_target with s folded into B: `target_modules` next to the fused `target_parameters`, or
+one more alternation in the per-expert regex.
+
 `base_model_name_or_path` is the base's hub id (see exporter.resolve_hub_id) or absent, never
 a local path. A router trained with the adapters is saved as a `modules_to_save` module.
 `lora_dropout` is 0 (PEFT refuses dropout on parameter targets). The exact rank map is written next to the adapter
@@ -136,6 +141,21 @@ def _per_expert(adapters: AdapterCheckpoint, names: HFNames):
     return tensors, target_regex, patterns
 
 
+def _shared(adapters: AdapterCheckpoint, names: HFNames):
+    """The shared experts' uniform LoRA (only when they were adapted): one plain module per
+    projection (`mlp.shared_expert.up_proj`, DeepSeek/GLM `mlp.shared_experts.up_proj`) at
+    rank r_target, s folded into B."""
+    tensors: Dict[str, torch.Tensor] = OrderedDict()
+    modules: List[str] = []
+    for layer in adapters.layers:
+        for proj, f in adapters.shared_factors(layer).items():
+            module = names.shared(layer, proj)[:-len(".weight")]
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = f["A"].contiguous()
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = (adapters.scale * f["B"]).contiguous()
+            modules.append(module)
+    return tensors, modules
+
+
 def _alternation(modules: List[str]) -> str:
     """One regex matching exactly these module paths, grouped by layer to stay short."""
     groups: Dict[str, List[str]] = OrderedDict()
@@ -163,19 +183,29 @@ def export_peft(adapters: AdapterCheckpoint, hf_path: str, desc: ModelDescriptio
     common = dict(lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False,
                   inference_mode=True,
                   base_model_name_or_path=hub_id, task_type="CAUSAL_LM")
+    shared_rank = adapters.config.budget
     if layout == "fused":
         names = HFNames(desc, "fused")
         tensors, targets, ranks = _fused(adapters, desc)
         if not targets:
             raise HFInteropError("every adapter has rank 0: nothing to export")
+        shared_tensors, shared_modules = _shared(adapters, names)
+        tensors.update(shared_tensors)
         pattern = {re.escape(t): r for t, r in ranks.items()}
+        pattern.update({re.escape(m): shared_rank for m in shared_modules})
         first = next(iter(ranks.values()))
-        config = LoraConfig(r=first, lora_alpha=first, target_modules=[],
+        config = LoraConfig(r=first, lora_alpha=first, target_modules=shared_modules,
                             target_parameters=targets, rank_pattern=pattern,
                             alpha_pattern=dict(pattern), **common)
     else:
         names = HFNames(desc, "per_expert")
         tensors, target_regex, pattern = _per_expert(adapters, names)
+        shared_tensors, shared_modules = _shared(adapters, names)
+        if shared_modules:
+            tensors.update(shared_tensors)
+            shared_regex = "|".join(re.escape(m) for m in shared_modules)
+            target_regex = f"(?:{target_regex}|{shared_regex})"
+            pattern[f"(?:{shared_regex})"] = shared_rank
         first = next(iter(pattern.values()))
         config = LoraConfig(r=first, lora_alpha=first, target_modules=target_regex,
                             rank_pattern=pattern, alpha_pattern=dict(pattern), **common)
@@ -188,6 +218,7 @@ def export_peft(adapters: AdapterCheckpoint, hf_path: str, desc: ModelDescriptio
     summary = check_adapter_dir(save, desc)
     log(f"> PEFT adapter ({layout} layout) in {save}: {summary['targets']} targets, ranks "
         f"{summary['min_rank']}..{summary['max_rank']}"
+        f"{f', shared experts at rank {shared_rank}' if adapters.shared_adapted else ''}"
         f"{', trained router in modules_to_save' if adapters.router_trained else ''}; exact "
         f"per-expert ranks in {RANK_MAP_FILE}")
     return summary
@@ -221,6 +252,8 @@ def write_rank_map(adapters: AdapterCheckpoint, desc: ModelDescription, path: st
             "r_max": adapters.r_max, "scale": adapters.scale,
             "iteration": int(adapters.common.get("iteration", -1)),
             "rank_map": adapters.rank_map.tolist(),
+            "shared_experts": {"mode": adapters.config.shared_experts,
+                               "rank": adapters.config.budget if adapters.shared_adapted else 0},
             "note": "rank_map[moe_layer][expert][projection]; the PEFT tensors hold these ranks "
                     "(the fused layout zero-pads each layer to its largest rank)"}
     with open(path, "w") as fh:
@@ -260,6 +293,14 @@ def check_adapter_dir(path: str, desc: ModelDescription) -> Dict:
             if a is None or b is None or a[0] != R * E or b[1] != R * E:
                 raise HFInteropError(f"{path}: {target} claims rank {R} ({R * E} rows for {E} "
                                      f"experts) but its tensors are A {a}, B {b}")
+            ranks.append(R)
+        for module in cfg.get("target_modules") or []:  # shared experts: plain modules
+            R = pattern.get(re.escape(module))
+            a = shapes.get(f"{PREFIX}{module}.lora_A.weight")
+            b = shapes.get(f"{PREFIX}{module}.lora_B.weight")
+            if R is None or a is None or b is None or a[0] != R or b[1] != R:
+                raise HFInteropError(f"{path}: {module} claims rank {R} but its tensors are "
+                                     f"A {a}, B {b}")
             ranks.append(R)
     else:
         compiled = [(re.compile(rf"(.*\.)?({k})$"), r) for k, r in pattern.items()]

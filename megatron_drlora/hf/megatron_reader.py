@@ -22,6 +22,7 @@ from megatron_drlora.hf.common import (HFInteropError, checkpoint_errors,
                                        ensure_single_process_group, resolve_iteration_dir)
 
 ADAPTER_KEY = re.compile(r"^drlora\.layers\.(\d+)\.(gate|up|down)_(A|B)$")
+SHARED_KEY = re.compile(r"^drlora\.shared\.(\d+)\.(gate|up|down)_(A|B)$")
 
 
 class DistCheckpoint:
@@ -149,6 +150,17 @@ class AdapterCheckpoint(DistCheckpoint):
             raise HFInteropError(f"{flag} {self.path}: rank map values outside [0, r_max="
                                  f"{self.r_max}]")
         self.router_trained = self.has_layer_tensor("mlp.router.weight")
+        # --drlora-shared-experts uniform: every adapted layer's shared expert has LoRA
+        shared = {int(m.group(1)) for m in map(SHARED_KEY.match, self.meta) if m}
+        self.shared_adapted = self.config.shared_experts == "uniform"
+        if self.shared_adapted and shared != set(self.layers):
+            raise HFInteropError(f"{flag} {self.path}: --drlora-shared-experts uniform but "
+                                 f"shared-expert adapters for layers {sorted(shared)}, not the "
+                                 f"MoE layers {self.layers}")
+        if shared and not self.shared_adapted:
+            raise HFInteropError(f"{flag} {self.path}: shared-expert adapters in a checkpoint "
+                                 f"whose config says --drlora-shared-experts "
+                                 f"{self.config.shared_experts}")
 
     @property
     def scale(self) -> float:
@@ -165,6 +177,16 @@ class AdapterCheckpoint(DistCheckpoint):
         keys = [f"drlora.layers.{layer}.{p}_{w}" for p in self.projections for w in ("A", "B")]
         loaded = self.load(keys)
         return {p: {w: loaded[f"drlora.layers.{layer}.{p}_{w}"].float() for w in ("A", "B")}
+                for p in self.projections}
+
+    def shared_factors(self, layer: int) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The shared expert's LoRA {projection: {'A': [r, k], 'B': [d, r]}} in fp32 (active
+        at its whole rank r_target); {} when shared experts were not adapted."""
+        if not self.shared_adapted:
+            return {}
+        keys = [f"drlora.shared.{layer}.{p}_{w}" for p in self.projections for w in ("A", "B")]
+        loaded = self.load(keys)
+        return {p: {w: loaded[f"drlora.shared.{layer}.{p}_{w}"].float() for w in ("A", "B")}
                 for p in self.projections}
 
     def router(self, layer: int) -> Optional[torch.Tensor]:
@@ -201,6 +223,25 @@ class AdapterCheckpoint(DistCheckpoint):
                     f"{where}: {p} adapter shapes A {a}, B {b} do not fit the HF model (expected "
                     f"A {(desc.num_experts, self.r_max, k)}, B {(desc.num_experts, d, self.r_max)}"
                     f": hidden {h}, expert ffn {i}); wrong --hf-path?")
+        if self.shared_adapted and self.layers:
+            self._check_shared_against(desc, where)
+
+    def _check_shared_against(self, desc, where: str) -> None:
+        shared = desc.shared_expert_ffn
+        if not shared:
+            raise HFInteropError(f"{where}: shared-expert adapters, but the HF model "
+                                 f"({desc.family}) has no shared expert; wrong --hf-path?")
+        h, r = desc.hidden_size, self.config.budget
+        expected = {"gate": (h, shared), "up": (h, shared), "down": (shared, h)}
+        layer = self.layers[0]
+        for p in self.projections:
+            k, d = expected[p]
+            a = self.shape(f"drlora.shared.{layer}.{p}_A")
+            b = self.shape(f"drlora.shared.{layer}.{p}_B")
+            if a != (r, k) or b != (d, r):
+                raise HFInteropError(f"{where}: shared-expert {p} adapter shapes A {a}, B {b} "
+                                     f"do not fit the HF model (expected A {(r, k)}, B "
+                                     f"{(d, r)}); wrong --hf-path?")
 
 
 def check_base_against(base: DistCheckpoint, desc, padded_vocab: Optional[int] = None) -> None:

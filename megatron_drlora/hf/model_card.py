@@ -42,7 +42,7 @@ def _settings(adapters) -> List[tuple]:
              else "Megatron's LR warm-up"),
             ("allocation", c.allocation), ("saliency", c.saliency),
             ("frequency", c.frequency), ("router", c.router), ("dropout", c.dropout),
-            ("seed", c.seed)]
+            ("seed", c.seed), ("shared experts", c.shared_experts)]
 
 
 def model_card(adapters, desc: ModelDescription, fmt: str, hub_id: Optional[str],

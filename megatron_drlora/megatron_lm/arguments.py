@@ -81,6 +81,7 @@ def validate(args: argparse.Namespace) -> Optional[DRLoRAConfig]:
     if config.rank_map is not None and len(config.rank_map[0]) != args.num_experts:
         raise DRLoRAArgumentError(f"--drlora-rank-map lists {len(config.rank_map[0])} experts "
                                   f"per layer but --num-experts is {args.num_experts}")
+    _check_shared_experts(config, args)
     base = args.pretrained_checkpoint
     if not base:
         raise DRLoRAArgumentError("DR-LoRA fine-tunes a frozen base: give "
@@ -103,11 +104,28 @@ def validate(args: argparse.Namespace) -> Optional[DRLoRAConfig]:
                                       "--use-distributed-optimizer if you want sharding)")
     if getattr(args, "moe_use_upcycling", False):
         raise DRLoRAArgumentError("--moe-use-upcycling and DR-LoRA cannot be combined")
-    _check_checkpoints(base, args.load)
+    _check_checkpoints(base, args.load, config)
     return config
 
 
-def _check_checkpoints(base: str, load: Optional[str]) -> None:
+def _check_shared_experts(config: DRLoRAConfig, args: argparse.Namespace) -> None:
+    """--drlora-shared-experts uniform needs shared experts, and their plain (not overlapped)
+    forward."""
+    if config.shared_experts != "uniform":
+        return
+    if not getattr(args, "moe_shared_expert_intermediate_size", None):
+        raise DRLoRAArgumentError("--drlora-shared-experts uniform: this model has no shared "
+                                  "experts (--moe-shared-expert-intermediate-size is not set); "
+                                  "use --drlora-shared-experts none")
+    if getattr(args, "moe_shared_expert_overlap", False):
+        raise DRLoRAArgumentError("--drlora-shared-experts uniform cannot be combined with "
+                                  "--moe-shared-expert-overlap (the overlapped shared expert "
+                                  "runs its linears outside their usual TP communication); "
+                                  "drop --moe-shared-expert-overlap")
+
+
+def _check_checkpoints(base: str, load: Optional[str],
+                       config: Optional[DRLoRAConfig] = None) -> None:
     """The base must be a model checkpoint, and what --load holds (if anything) a DR-LoRA one:
     read from the checkpoints' small metadata before anything starts."""
     from megatron_drlora.checkpoint import (TRACKER, CheckpointError, drlora_state,
@@ -117,10 +135,17 @@ def _check_checkpoints(base: str, load: Optional[str]) -> None:
         resolve(base, "--pretrained-checkpoint")
         if load and os.path.isfile(os.path.join(load, TRACKER)):
             path = resolve(load, "--load")
-            if drlora_state(read_common_state(path)) is None:
+            state = drlora_state(read_common_state(path))
+            if state is None:
                 raise CheckpointError(f"--load {load} holds a model without DR-LoRA state (a "
                                       f"base?): a base goes to --pretrained-checkpoint; --load "
                                       f"resumes a DR-LoRA run")
+            saved = (state.get("config") or {}).get("shared_experts", "none")
+            if config is not None and saved != config.shared_experts:
+                raise CheckpointError(
+                    f"--load {load} was trained with --drlora-shared-experts {saved}, this run "
+                    f"asks for {config.shared_experts}: the adapters it holds differ; keep "
+                    f"--drlora-shared-experts {saved} (or --load another directory)")
     except CheckpointError as err:
         raise DRLoRAArgumentError(str(err)) from None
 

@@ -271,7 +271,8 @@ class DRLoRARun:
             state["iteration"] = get_args().curr_iteration + 1  # the iteration being saved
         else:
             state = {"rank_map": self.handle.initial_rank_map(), "saliency": None,
-                     "config": self.config.to_dict(), "settings": {}, "num_events": 0}
+                     "config": self.config.to_dict(), "settings": {}, "num_events": 0,
+                     "shared_experts": self.handle.shared_summary()}
         state["base_checkpoint"] = self.base_checkpoint
         return state
 
