@@ -161,34 +161,64 @@ def _argv(hf_dir, base, ckpt, iters, extra=()):
             "--global-batch-size", "4", "--train-iters", str(iters), "--save-interval",
             str(iters), "--eval-iters", "0", "--log-interval", "1", "--lr", "1e-2",
             "--lr-warmup-iters", "1", "--weight-decay", "0", "--ckpt-format", "torch_dist",
+            "--hidden-dropout", "0", "--attention-dropout", "0",  # bitwise resume on CPU
             "--drlora-budget", "4", "--drlora-p-grow", "0.5", "--drlora-grow-interval", "2",
             "--drlora-grow-buffer", "1", "--drlora-targets", "gate,up,down"] + list(extra)
 
 
-@pytest.mark.slow
-def test_end_to_end_trains_exports_and_verifies(qwen2_base, tmp_path):
-    """examples/pretrain_gpt.py with --drlora-shared-experts uniform: growth events, the start-up
-    line, non-zero shared B in the checkpoint, settings saved; the PEFT export targets
-    mlp.shared_expert.{gate,up,down}_proj and --verify passes; a default run exports none."""
-    from megatron_drlora.hf.exporter import export
+def _adapter_tensors(path):
     from megatron_drlora.hf.megatron_reader import AdapterCheckpoint
+
+    adapters = AdapterCheckpoint(str(path))
+    out = {}
+    for layer in adapters.layers:
+        for kind, factors in (("routed", adapters.factors(layer)),
+                              ("shared", adapters.shared_factors(layer))):
+            out.update({(kind, layer, p, w): t for p, f in factors.items() for w, t in f.items()})
+    return adapters, out
+
+
+@pytest.mark.slow
+def test_end_to_end_trains_resumes_exports_and_verifies(qwen2_base, tmp_path):
+    """examples/pretrain_gpt.py with --drlora-shared-experts uniform: growth events, the start-up
+    line, non-zero shared B, the settings saved; stopped at 3 and resumed, the same tensors
+    bit for bit; resuming with the flag changed is refused naming it; PEFT (targets
+    mlp.shared_expert.{gate,up,down}_proj) and merged exports verify; a default run's PEFT
+    export has no shared-expert target."""
+    from megatron_drlora.hf.exporter import export
     from tests.megatron_runs import events, torchrun
 
     hf_dir, base = qwen2_base
-    ckpt = tmp_path / "ckpt"
-    run = torchrun(1, _argv(hf_dir, base, str(ckpt), 5, ["--drlora-shared-experts", "uniform"]),
-                   timeout=300)
-    assert "DR-LoRA shared experts: uniform LoRA rank 4" in run.stdout
+    uniform = ["--drlora-shared-experts", "uniform"]
+    ckpt, resumed = tmp_path / "ckpt", tmp_path / "resumed"
+    run = torchrun(1, _argv(hf_dir, base, str(ckpt), 5, uniform), timeout=300)
+    assert "DR-LoRA shared experts: uniform LoRA rank 4 on the shared experts of 2" in run.stdout
     assert [e["iteration"] for e in events(ckpt)] == [1, 3]
-    adapters = AdapterCheckpoint(str(ckpt))
+    adapters, tensors = _adapter_tensors(ckpt)
     assert adapters.shared_adapted and adapters.config.shared_experts == "uniform"
-    assert adapters.common["model"]["drlora_state"]["settings"]["shared_experts"] == "uniform"
-    for layer in adapters.layers:
-        for proj, f in adapters.shared_factors(layer).items():
-            assert f["B"].abs().max() > 0, (layer, proj)  # trained from zero
-    result = export(str(ckpt), hf_dir, "peft", str(tmp_path / "peft"),
-                    pretrained_checkpoint=base, verify=True, log=lambda s: None)
-    assert result["verified"]["max_rel_diff"] <= 1e-3
+    state = adapters.common["model"]["drlora_state"]
+    assert state["settings"]["shared_experts"] == "uniform"
+    assert state["shared_experts"]["params"] == 2 * 4 * 3 * (32 + 40)
+    shared_b = [t for (kind, _, _, w), t in tensors.items() if kind == "shared" and w == "B"]
+    assert len(shared_b) == 6 and all(t.abs().max() > 0 for t in shared_b)  # trained from 0
+
+    first = torchrun(1, _argv(hf_dir, base, str(resumed), 5, uniform + ["--exit-interval", "3"]),
+                     timeout=300)
+    assert "exiting program at iteration 3" in first.stdout + first.stderr
+    refused = torchrun(1, _argv(hf_dir, base, str(resumed), 5), timeout=300, expect_ok=False)
+    assert refused.returncode == 2 and "trained with --drlora-shared-experts uniform" in (
+        refused.stderr), refused.stderr[-2000:]
+    last = torchrun(1, _argv(hf_dir, base, str(resumed), 5, uniform), timeout=300)
+    assert "DR-LoRA state restored" in last.stdout + last.stderr
+    _, again = _adapter_tensors(resumed)
+    assert again.keys() == tensors.keys()
+    for key, t in tensors.items():
+        assert torch.equal(again[key], t), key
+
+    for fmt in ("peft", "merged"):
+        result = export(str(ckpt), hf_dir, fmt, str(tmp_path / fmt), pretrained_checkpoint=base,
+                        verify=True, log=lambda s: None)
+        assert result["verified"]["max_rel_diff"] <= 1e-3, (fmt, result["verified"])
     cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
     assert sorted(cfg["target_modules"]) == sorted(
         f"model.layers.{l}.mlp.shared_expert.{p}_proj" for l in (0, 1)
