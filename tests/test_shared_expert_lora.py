@@ -116,7 +116,8 @@ def test_refusals_name_the_flag(megatron_single):
 def test_tp2_sequence_parallel_matches_tp1(tmp_path):
     """One 2-rank launch: TP2 + sequence parallelism, then TP1 (DP2) on the same global model
     and batch: logits, loss, the shared adapters' gradients after Megatron's finalize and
-    their grad-norm contribution agree (tests/workers/shared_lora_worker.py)."""
+    their grad-norm contribution agree; adapters saved at TP2 load at TP1
+    (tests/workers/shared_lora_worker.py)."""
     from tests.dist_harness import load, run_torchrun
 
     out = tmp_path / "shared.pt"
@@ -132,6 +133,7 @@ def test_tp2_sequence_parallel_matches_tp1(tmp_path):
         err = (tp2["grads"][key] - ref).abs().max().item()
         assert err <= 1e-5 * scale, f"{key}: {err:.3e} vs scale {scale:.3e}"
     assert abs(tp2["grad_norm"] - tp1["grad_norm"]) <= 1e-5 * tp1["grad_norm"]
+    assert tp1["resharded"]  # saved at TP2, loaded at TP1 under the same global keys
 
 
 # --- end to end -----------------------------------------------------------------------------

@@ -4,11 +4,16 @@ the same global batch, one forward/backward, Megatron's DDP and finalize_model_g
 sums the sequence-parallel factors over TP). Rank 0 saves, per layout, the logits, the loss,
 every shared-adapter gradient gathered to full size and their grad norm as Megatron counts it.
 
+The TP2 adapters are also saved with dist_checkpointing under their layout-independent keys
+and loaded into the TP1 model (whose shared factors were zeroed): `resharded` says whether every
+factor came back equal to the values TP1 was given.
+
 Usage: torchrun --nproc_per_node 2 shared_lora_worker.py OUT
 """
 
 import faulthandler
 import hashlib
+import os
 import sys
 
 import torch
@@ -46,7 +51,26 @@ def _gather(t, dim, group, size):
     return torch.cat(parts, dim=dim)
 
 
-def run(tp: int) -> dict:
+def _checkpoint(handle, path: str, save: bool) -> bool:
+    """Save (TP2) or load (TP1, into zeroed shared factors) the adapters' sharded tensors;
+    on load, whether the shared factors equal `_fill`'s values again."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_drlora.checkpoint import adapter_sharded_state_dict
+
+    request = adapter_sharded_state_dict(handle)
+    if save:
+        dist_checkpointing.save(request, path)
+        return True
+    expect = {k: v.data.clone() for k, v in request.items() if k.startswith("drlora.shared.")}
+    with torch.no_grad():
+        for p in handle.shared_parameters():
+            p.zero_()
+    loaded = dist_checkpointing.load(request, path)
+    return all(torch.equal(loaded[k], v) for k, v in expect.items()) and len(expect) == 12
+
+
+def run(tp: int, ckpt: str) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -64,6 +88,7 @@ def run(tp: int) -> dict:
                           p_grow=0.5)
     chunks, handle = build(margs, config)
     _fill(handle)
+    resharded = _checkpoint(handle, ckpt, save=tp > 1)
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
     model = DistributedDataParallel(config=chunks[0].config, ddp_config=ddp_cfg, module=chunks[0])
     model.zero_grad_buffer()
@@ -90,7 +115,7 @@ def run(tp: int) -> dict:
                     _gather(g, dim, group, tp) if sharded else g)
     norm = get_grad_norm_fp32(counted, grad_stats_parallel_group=ps.get_model_parallel_group())
     out = {"logits": logits.detach().double(), "loss": loss.detach().double(), "grads": grads,
-           "grad_norm": float(norm)}
+           "grad_norm": float(norm), "resharded": resharded}
     ps.destroy_model_parallel()
     return out
 
@@ -100,7 +125,11 @@ def main():
     from megatron_drlora.parallel_setup import init_distributed
 
     init_distributed()
-    results = {2: run(2), 1: run(1)}
+    ckpt = out_path + ".ckpt"
+    if dist.get_rank() == 0:
+        os.makedirs(ckpt)
+    dist.barrier()
+    results = {2: run(2, ckpt), 1: run(1, ckpt)}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
     dist.barrier()
