@@ -1,5 +1,9 @@
-"""tools/plan_drlora_schedule.py run as a user would: a subprocess from the repo root."""
+"""tools/plan_drlora_schedule.py from the repo root: its main() for each case, and the script
+itself in a subprocess (test_imports_no_megatron)."""
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -17,9 +21,29 @@ TABLE_10 = {0: (0, 65536, 32.00), 6000: (25, 74736, 36.49), 12000: (55, 85776, 4
             30000: (145, 118896, 58.05), 37800: (184, 131072, 64.00)}
 
 
+def _tool():
+    spec = importlib.util.spec_from_file_location("plan_drlora_schedule",
+                                                  os.path.join(ROOT, TOOL))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TOOL = _tool()
+
+
 def run_tool(*args):
-    return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    """The tool's main() from the repo root, in this process (one import for all cases; the
+    script itself runs in a subprocess in test_imports_no_megatron)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            code = _TOOL.main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess([TOOL, *args], code or 0, out.getvalue(),
+                                       err.getvalue())
 
 
 def test_json_reproduces_table_10():
