@@ -100,19 +100,25 @@ def _preload():
     prepare_import()
     import warnings
 
+    import importlib
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import megatron.core  # noqa: F401
         import megatron.core.dist_checkpointing  # noqa: F401
-        import megatron.training  # noqa: F401
-        import megatron.training.training  # noqa: F401
-        import megatron_drlora.megatron_lm.model_provider  # noqa: F401
-        import megatron_drlora.megatron_lm.setup  # noqa: F401
-        import megatron_drlora.plotting  # noqa: F401
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
+        # only what this environment has (megatron-core without megatron.training, no
+        # matplotlib): a rank imports whatever was not preloaded itself
+        for name in ("megatron.training.training", "megatron_drlora.megatron_lm.model_provider",
+                     "megatron_drlora.megatron_lm.setup", "megatron_drlora.plotting",
+                     "matplotlib"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+        if "matplotlib" in sys.modules:  # the rank heatmaps are drawn headless
+            sys.modules["matplotlib"].use("Agg")
+            import matplotlib.pyplot  # noqa: F401
 
 
 def _run_rank(request, rank):

@@ -196,9 +196,12 @@ def _cli(cmd, timeout=300):
     return proc.stdout + proc.stderr
 
 
-def _torchrun(script, args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)] + list(args)
+def _two_ranks(script, args):
+    """SCRIPT args in 2 ranks as torchrun starts them (tests/prefork.py); returns the output."""
+    from tests.megatron_runs import torchrun
+
+    proc = torchrun(2, [str(a) for a in args], timeout=300, entry=str(script))
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -214,9 +217,9 @@ def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path
                            name_or_path="allenai/OLMoE-1B-7B-0924")
     make_tokenizer(hf_dir)  # model.args names it: the run tokenizes with HuggingFaceTokenizer
     base, run = tmp_path / "base", tmp_path / "run"
-    _cli(_torchrun(REPO / "tools" / "convert_hf_to_megatron.py",
-                   ["--hf-path", hf_dir, "--save", base, "--expert-model-parallel-size", "2"]))
-    log = _cli(_torchrun(REPO / "examples" / "pretrain_gpt.py", [
+    _two_ranks(REPO / "tools" / "convert_hf_to_megatron.py",
+               ["--hf-path", hf_dir, "--save", base, "--expert-model-parallel-size", "2"])
+    log = _two_ranks(REPO / "examples" / "pretrain_gpt.py", [
         f"@{REPO / 'examples' / 'cpu.args'}", f"@{base}/model.args",
         "--pretrained-checkpoint", base, "--expert-model-parallel-size", "2",
         "--moe-token-dispatcher-type", "alltoall",
@@ -227,7 +230,7 @@ def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path
         "--log-interval", "4", "--save", run, "--save-interval", "8",
         "--drlora-budget", "4", "--drlora-rank-init", "2", "--drlora-rank-max", "8",
         "--drlora-p-grow", "0.5", "--drlora-grow-interval", "2", "--drlora-grow-buffer", "1",
-        "--drlora-targets", "up,down"]))
+        "--drlora-targets", "up,down"])
     assert "growth event at step" in log
     common = dist_checkpointing.load_common_state_dict(str(run / "iter_0000008"))
     rank_map = torch.as_tensor(drlora_state(common)["rank_map"])
