@@ -24,7 +24,6 @@ pytest.importorskip("safetensors")
 
 import torch  # noqa: E402
 
-from tests.conftest import free_port  # noqa: E402
 from tests.dist_harness import REPO  # noqa: E402
 from tests.hf_tiny import FAMILIES, SEQ, VOCAB, make_hf_model, tokens  # noqa: E402
 
