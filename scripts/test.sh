@@ -27,9 +27,8 @@ if [ "${DRLORA_SKIP_COMPAT:-0}" != "1" ]; then
   pip install -q "torch==2.13.0" "megatron-core==0.16.1" "numpy<2.5" psutil sentencepiece \
       pyyaml pytest pytest-timeout
   pip install -q --no-deps -e .
-  # adapters and controller in full; of the layout-parity tests (all run above on 0.19.2) the
-  # ones that cover TP x EP x ETP, the distributed optimizer, PP and the gradient reference
+  # adapters, controller and every layout-parity test (TP x EP x ETP, the distributed
+  # optimizer, PP, VPP, the gradient reference), as run above on 0.19
   python -m pytest -q tests/test_adapters.py tests/test_controller.py \
-      tests/test_parallel_parity.py -k "not test_parallel_parity or tp2_ep2_etp1 or \
-ep2_dp2_distributed_optimizer or pp2 or independent_reference"
+      tests/test_parallel_parity.py
 fi
