@@ -112,6 +112,39 @@ def test_refusals_name_the_flag(megatron_single):
                                              "--moe-shared-expert-overlap"]))
 
 
+@pytest.mark.parametrize("family,module", [("qwen2_moe", "shared_expert"),
+                                           ("glm4_moe", "shared_experts"),
+                                           ("deepseek_v3", "shared_experts")])
+def test_peft_targets_the_shared_expert_modules_transformers_builds(family, module):
+    """The PEFT export's shared-expert targets are modules of the transformers model of each
+    family with shared experts (nn.Linear of the right shape), s folded into B."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from megatron_drlora.hf.export_peft import PREFIX, _shared
+    from megatron_drlora.hf.families import HFNames, describe
+    from tests.hf_tiny import hf_config
+
+    cfg = hf_config(family)
+    desc = describe(cfg)
+    inter, hidden = desc.shared_expert_ffn, desc.hidden_size
+    layer = desc.num_layers - 1
+    factors = {"gate": {"A": torch.ones(RANK, hidden), "B": torch.ones(inter, RANK)},
+               "down": {"A": torch.ones(RANK, inter), "B": torch.ones(hidden, RANK)}}
+    fake = SimpleNamespace(layers=[layer], scale=0.5, shared_factors=lambda l: factors)
+    tensors, modules = _shared(fake, HFNames(desc, "fused"))
+    assert modules == [f"model.layers.{layer}.mlp.{module}.{p}_proj" for p in ("gate", "down")]
+    hf = dict(AutoModelForCausalLM.from_config(cfg).named_modules())
+    for name, proj in zip(modules, ("gate", "down")):
+        linear = hf[name]
+        assert isinstance(linear, torch.nn.Linear)
+        assert tensors[f"{PREFIX}{name}.lora_A.weight"].shape[1] == linear.in_features
+        b = tensors[f"{PREFIX}{name}.lora_B.weight"]
+        assert b.shape[0] == linear.out_features and torch.all(b == 0.5)
+
+
 @pytest.mark.slow
 def test_tp2_sequence_parallel_matches_tp1(tmp_path):
     """One 2-rank launch: TP2 + sequence parallelism, then TP1 (DP2) on the same global model
