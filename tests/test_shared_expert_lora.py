@@ -5,7 +5,9 @@ Compared with independent references: the adapted shared expert (gated, Qwen2-Mo
 against base MLP + s * B A written here in plain PyTorch, outputs and factor gradients; (slow)
 TP2 + sequence parallelism against TP1 in one 2-rank launch (tests/workers/shared_lora_worker.py);
 (slow) examples/pretrain_gpt.py on a converted tiny Qwen2-MoE: growth happens, the shared
-adapters train, the PEFT export holds them and verifies, a default run's export does not.
+adapters train, a stopped run resumes bit for bit, a changed flag on resume is refused, the PEFT
+and merged exports hold them and verify, a default run's export does not. The PEFT targets are
+checked against the modules transformers builds for Qwen2-MoE, GLM-4.5 and DeepSeek-V3.
 """
 
 import json
