@@ -257,10 +257,7 @@ def test_expert_and_tensor_parallel_layouts(ds_models, tmp_path):
 def ds_runs(ds_models, ds_bases, tmp_path_factory):
     """DR-LoRA checkpoints of the V2 and Moonlight-shaped bases as a run leaves them: grown
     ranks, a trained router and (V3) an expert bias moved by hand. Built on first use."""
-    from megatron_drlora import DRLoRAConfig
-    from megatron_drlora.hf import verify
-    from megatron_drlora.inject import apply_drlora
-    from tests.tiny import grown_rank_map, randomize_adapters, save_adapter_checkpoint
+    from tests.tiny import save_run_like_checkpoint
 
     runs = {}
 
@@ -270,24 +267,9 @@ def ds_runs(ds_models, ds_bases, tmp_path_factory):
         base = ds_bases[variant][0]
         root = tmp_path_factory.mktemp(f"{variant}_export")
         adapters = str(root / "adapters")
-        margs = verify.model_args_from_file(os.path.join(base, "model.args"), SEQ)
-        chunks, _ = verify.build_megatron(margs, base)
-        base_logits = verify.megatron_logits(chunks, tokens(), VOCAB)
-        handle = apply_drlora(chunks, DRLoRAConfig(budget=4, p_grow=0.5, targets=("up", "down")),
-                              log=lambda s: None)
+        _, handle, base_logits, _ = save_run_like_checkpoint(base, adapters, SEQ, VOCAB,
+                                                             tokens())
         assert [layer.layer for layer in handle.layers] == [1, 2]  # layer 0 is dense
-        randomize_adapters(handle, scale=0.1)
-        rank_map = grown_rank_map(handle)
-        handle.set_rank_map(rank_map)
-        with torch.no_grad():
-            for layer in handle.layers:
-                router = layer.moe_layer.router
-                g = torch.Generator().manual_seed(layer.layer)
-                router.weight.add_(0.3 * torch.randn(router.weight.shape, generator=g))
-                if router.expert_bias is not None:
-                    router.expert_bias.add_(0.2 * torch.randn(router.expert_bias.shape,
-                                                              generator=g))
-        save_adapter_checkpoint(adapters, 7, chunks, handle, rank_map)
         runs[variant] = dict(hf=ds_models[variant], base=base, adapters=adapters, root=root,
                              base_logits=base_logits, logits=_megatron_logits(base, adapters))
         return runs[variant]

@@ -224,31 +224,17 @@ def test_expert_parallel_layout(megatron_single, glm_models, tmp_path):
 def glm_run(megatron_single, glm_models, tmp_path_factory):
     """A converted GLM-4.5 base with a DR-LoRA checkpoint as a run leaves it: grown ranks, a
     trained router and an expert bias moved by Megatron's bias update (here: by hand)."""
-    from megatron_drlora import DRLoRAConfig
     from megatron_drlora.hf import verify
     from megatron_drlora.hf.importer import convert
-    from megatron_drlora.inject import apply_drlora
-    from tests.tiny import grown_rank_map, randomize_adapters, save_adapter_checkpoint
+    from tests.tiny import save_run_like_checkpoint
 
     root = tmp_path_factory.mktemp("glm_export")
     base, adapters = str(root / "base"), str(root / "adapters")
     convert(glm_models["groups"], base, log=lambda s: None)
-    margs = verify.model_args_from_file(os.path.join(base, "model.args"), SEQ)
-    chunks, _ = verify.build_megatron(margs, base)
-    base_logits = verify.megatron_logits(chunks, tokens(), VOCAB)
-    handle = apply_drlora(chunks, DRLoRAConfig(budget=4, p_grow=0.5, targets=("up", "down")),
-                          log=lambda s: None)
+    margs, handle, base_logits, rank_map = save_run_like_checkpoint(base, adapters, SEQ, VOCAB,
+                                                                   tokens())
     assert [layer.layer for layer in handle.layers] == [1, 2]  # layer 0 is dense
-    randomize_adapters(handle, scale=0.1)
-    rank_map = grown_rank_map(handle)
-    handle.set_rank_map(rank_map)
-    with torch.no_grad():
-        for layer in handle.layers:
-            router = layer.moe_layer.router
-            g = torch.Generator().manual_seed(layer.layer)
-            router.weight.add_(0.3 * torch.randn(router.weight.shape, generator=g))
-            router.expert_bias.add_(0.2 * torch.randn(router.expert_bias.shape, generator=g))
-    save_adapter_checkpoint(adapters, 7, chunks, handle, rank_map)
+    assert all(layer.moe_layer.router.expert_bias is not None for layer in handle.layers)
     chunks, _ = verify.build_megatron(margs, base, adapters)  # reloaded from disk
     return dict(hf=glm_models["groups"], base=base, adapters=adapters, root=root,
                 base_logits=base_logits, rank_map=rank_map,

@@ -88,3 +88,32 @@ def save_adapter_checkpoint(root: str, iteration: int, chunks, handle, rank_map)
     with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as fh:
         fh.write(str(iteration))
     return path
+
+
+def save_run_like_checkpoint(base: str, adapters: str, seq: int, vocab: int, tokens):
+    """A DR-LoRA checkpoint of a converted base as a run leaves it: adapters with grown ranks
+    (up, down; budget 4), a trained router and, where the router has one, an expert bias moved
+    (Megatron's bias update, here by hand). Returns (model args, handle, base logits, rank
+    map); the base logits are the Megatron model's before the adapters."""
+    import os
+
+    from megatron_drlora.hf import verify
+
+    margs = verify.model_args_from_file(os.path.join(base, "model.args"), seq)
+    chunks, _ = verify.build_megatron(margs, base)
+    base_logits = verify.megatron_logits(chunks, tokens, vocab)
+    handle = apply_drlora(chunks, DRLoRAConfig(budget=4, p_grow=0.5, targets=("up", "down")),
+                          log=lambda s: None)
+    randomize_adapters(handle, scale=0.1)
+    rank_map = grown_rank_map(handle)
+    handle.set_rank_map(rank_map)
+    with torch.no_grad():
+        for layer in handle.layers:
+            router = layer.moe_layer.router
+            g = torch.Generator().manual_seed(layer.layer)
+            router.weight.add_(0.3 * torch.randn(router.weight.shape, generator=g))
+            if router.expert_bias is not None:
+                router.expert_bias.add_(0.2 * torch.randn(router.expert_bias.shape,
+                                                          generator=g))
+    save_adapter_checkpoint(adapters, 7, chunks, handle, rank_map)
+    return margs, handle, base_logits, rank_map
