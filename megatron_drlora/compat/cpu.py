@@ -17,6 +17,7 @@ Use:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.util
 import sys
@@ -435,7 +436,22 @@ def enable_training_loop_cpu_support() -> bool:
     # rerun_state_machine._save_state and checkpointing.get_rng_state read the "cuda" RNG state
     # (torch.cuda.set_rng_state is already a lazy no-op on a CPU build).
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    # On CPU the "cuda" generator dropout draws from is the CPU one, which a DataLoader also
+    # draws its base seed from when its iterator is made: after a resume that happens once
+    # more after the RNG state was restored, shifting every later dropout mask. Loaders get a
+    # generator of their own (with CUDA, dropout never shared one with them).
+    training.build_pretraining_data_loader = _own_generator(training.build_pretraining_data_loader)
     return True
+
+
+def _own_generator(build):
+    @functools.wraps(build)
+    def wrapped(dataset, consumed_samples, *args, **kwargs):
+        loader = build(dataset, consumed_samples, *args, **kwargs)
+        if loader is not None and getattr(loader, "generator", None) is None:
+            loader.generator = torch.Generator().manual_seed(1234)  # only the base seed
+        return loader
+    return wrapped
 
 
 _TRAINING_ENABLED = False
