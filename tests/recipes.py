@@ -54,3 +54,12 @@ def same_values(a, b) -> bool:
         return [float(x) for x in a] == [float(x) for x in b]
     except ValueError:
         return a == b
+
+
+def assert_recipe_fits_converter(recipe, converter, architecture_flags, same=same_values):
+    """Every flag the converter writes has the recipe's value, and the recipe sets no
+    architecture flag the converter does not write (a recipe that would not load the base)."""
+    for flag, value in converter.items():
+        assert same(recipe.get(flag), value), f"recipe {flag} {recipe.get(flag)} != {value}"
+    extra = sorted(f for f in recipe if f in architecture_flags and f not in converter)
+    assert not extra, f"the recipe sets {extra}, which the converter does not write"

@@ -393,13 +393,9 @@ def test_olmoe_recipe_flags_are_the_converters():
 
     converter = _flags(describe(_olmoe_1b_7b()).flags())
     recipe = _flags(open(RECIPE).read().splitlines())
-    from tests.recipes import same_values as same
+    from tests.recipes import assert_recipe_fits_converter
 
-    for flag, value in converter.items():
-        assert same(recipe.get(flag), value), f"{RECIPE.name}: {flag} {recipe.get(flag)} != " \
-                                              f"the converter's {value}"
-    extra = sorted(f for f in recipe if f in ARCHITECTURE_FLAGS and f not in converter)
-    assert not extra, f"{RECIPE.name} sets {extra}, which the converter does not write"
+    assert_recipe_fits_converter(recipe, converter, ARCHITECTURE_FLAGS)
     assert converter["--qk-layernorm-scope"] == ["projection"]  # transformers' OlmoeAttention
 
 
