@@ -57,11 +57,13 @@ def launch(script, args, nproc, timeout, env=None, cwd=REPO, master_port=None):
 
     env = dict(os.environ, **(env or {}))
     env.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.NamedTemporaryFile("w+", delete=False) as out, \
-            tempfile.NamedTemporaryFile("w+", delete=False) as err:
-        pass
+    paths = []
+    for _ in range(2):  # stdout, stderr: files the ranks append to
+        fd, path = tempfile.mkstemp(prefix="prefork")
+        os.close(fd)
+        paths.append(path)
     request = {"script": str(script), "args": [str(a) for a in args], "nproc": int(nproc),
-               "env": env, "cwd": str(cwd), "out": out.name, "err": err.name,
+               "env": env, "cwd": str(cwd), "out": paths[0], "err": paths[1],
                "master_port": int(master_port or free_port())}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(_server())
@@ -83,8 +85,8 @@ def launch(script, args, nproc, timeout, env=None, cwd=REPO, master_port=None):
                 os.killpg(launcher, signal.SIGKILL)  # leftovers (timeouts, orphaned helpers)
             except (ProcessLookupError, PermissionError):
                 pass
-    text = [open(p).read() for p in (out.name, err.name)]
-    for p in (out.name, err.name):
+    text = [open(p).read() for p in paths]
+    for p in paths:
         os.unlink(p)
     if code == -9:
         text[1] += f"\n[prefork] killed after the {timeout} s timeout\n"
