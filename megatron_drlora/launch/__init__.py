@@ -2,7 +2,8 @@
 
 Nothing here imports torch or Megatron, so the helpers run in a batch shell, on a login node
 and in tests in milliseconds. `slurm` turns the scheduler's variables into the rank/world layout
-(and the torchrun arguments of one node); `requeue` says whether a job is a requeued run.
+(and the torchrun arguments of one node), reading SLURM's compact values with `hostlist` and
+checking TP/PP/EP sizes with `parallel_layout`; `requeue` says whether a job is a requeued run.
 Stopping on SIGTERM/SIGUSR1 at a step boundary is Megatron-LM's (`--exit-signal-handler`).
 
 The names below are loaded lazily: `python -m megatron_drlora.launch.slurm` would otherwise
@@ -14,11 +15,11 @@ import importlib
 
 _EXPORTS = {
     "DistributedSettings": "slurm",
-    "ParallelLayoutError": "slurm",
-    "SlurmEnvError": "slurm",
+    "ParallelLayoutError": "parallel_layout",
+    "SlurmEnvError": "hostlist",
     "apply_to_environ": "slurm",
-    "check_parallel_layout": "slurm",
-    "expand_hostlist": "slurm",
+    "check_parallel_layout": "parallel_layout",
+    "expand_hostlist": "hostlist",
     "settings_from_env": "slurm",
     "free_port": "ports",
     "is_requeued": "requeue",

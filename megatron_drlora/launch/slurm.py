@@ -19,7 +19,8 @@ rank. Outside SLURM and torchrun the result is a single local process.
 This module imports neither torch nor Megatron: it runs in the batch shell before the
 allocation's GPUs are touched, and its tests need no GPU. Every inconsistency raises
 `SlurmEnvError` naming the variables involved, because a wrong rank otherwise shows up as a
-NCCL hang minutes later.
+NCCL hang minutes later. SLURM's value syntax (`node[01-04]`, `4(x2)`) is read by
+`hostlist`, the TP/PP/EP arithmetic checked by `parallel_layout`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
+from megatron_drlora.launch.hostlist import (
+    SlurmEnvError, expand_hostlist, parse_gpu_count, parse_tasks_per_node)
+from megatron_drlora.launch.parallel_layout import (
+    ParallelLayoutError, check_parallel_layout, layout_from_args)
+
+__all__ = ["DistributedSettings", "ParallelLayoutError", "SlurmEnvError", "apply_to_environ",
+           "check_parallel_layout", "expand_hostlist", "main", "parse_gpu_count",
+           "parse_tasks_per_node", "port_from_job_id", "settings_from_env"]
+
 LAUNCHERS = ("srun-per-task", "torchrun-per-node", "local")
 ROLES = ("worker", "node")
 RDZV_BACKENDS = ("static", "c10d")
@@ -39,129 +49,12 @@ RDZV_BACKENDS = ("static", "c10d")
 PORT_BASE = 20000
 PORT_SPAN = 10000
 DEFAULT_PORT = 29500
-# A bracket range larger than this is a typo (or an attack on memory), not a cluster.
-_MAX_HOSTS = 100_000
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
-class SlurmEnvError(ValueError):
-    """The launch environment is missing a variable or its variables contradict each other."""
-
-
-class ParallelLayoutError(ValueError):
-    """TP/PP/CP/EP/ETP sizes do not fit the world size (Megatron would refuse them later)."""
-
-
 # --------------------------------------------------------------------------------------------
-# SLURM value syntax
+# Ports
 # --------------------------------------------------------------------------------------------
-def expand_hostlist(spec: str) -> List[str]:
-    """Expand a SLURM node list (``node[01-04]``, ``a,b``, ``gpu[1-3,7],cpu05``) to host names.
-
-    Commas split hosts only outside brackets; inside brackets they separate ranges. Zero
-    padding is kept (the width of a range is that of its lower bound, as SLURM writes it), and
-    several bracket groups in one name expand as a product, first group outermost
-    (``r[1-2]n[1-2]`` -> r1n1, r1n2, r2n1, r2n2). The order is SLURM's: the first host is the
-    node with SLURM_NODEID 0, which hosts rank 0 and the rendezvous.
-    """
-    if not isinstance(spec, str):
-        raise SlurmEnvError(f"host list must be a string, got {type(spec).__name__}")
-    text = spec.strip()
-    if not text:
-        raise SlurmEnvError("host list is empty")
-    hosts: List[str] = []
-    for item in _split_outside_brackets(text, spec):
-        item = item.strip()
-        if not item:
-            raise SlurmEnvError(f"host list {spec!r} has an empty entry (stray comma?)")
-        hosts.extend(_expand_host_pattern(item, spec))
-        if len(hosts) > _MAX_HOSTS:
-            raise SlurmEnvError(f"host list {spec!r} expands to more than {_MAX_HOSTS} hosts")
-    return hosts
-
-
-def _split_outside_brackets(text: str, spec: str) -> List[str]:
-    parts, start, depth = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            if depth:
-                raise SlurmEnvError(f"host list {spec!r}: nested '[' at position {i}")
-            depth = 1
-        elif ch == "]":
-            if not depth:
-                raise SlurmEnvError(f"host list {spec!r}: ']' without '[' at position {i}")
-            depth = 0
-        elif ch == "," and not depth:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth:
-        raise SlurmEnvError(f"host list {spec!r}: '[' is never closed")
-    parts.append(text[start:])
-    return parts
-
-
-def _expand_host_pattern(item: str, spec: str) -> List[str]:
-    names = [""]
-    for piece in re.split(r"(\[[^\]]*\])", item):
-        if not piece:
-            continue
-        if piece.startswith("["):
-            values = _expand_bracket(piece[1:-1], spec)
-        else:
-            if re.search(r"\s", piece):
-                raise SlurmEnvError(f"host list {spec!r}: host name {piece!r} contains a space")
-            values = [piece]
-        names = [n + v for n in names for v in values]
-        if len(names) > _MAX_HOSTS:
-            raise SlurmEnvError(f"host list {spec!r} expands to more than {_MAX_HOSTS} hosts")
-    return names
-
-
-def _expand_bracket(body: str, spec: str) -> List[str]:
-    if not body.strip():
-        raise SlurmEnvError(f"host list {spec!r}: empty brackets '[]'")
-    values: List[str] = []
-    for part in body.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise SlurmEnvError(f"host list {spec!r}: {part!r} is not a number or range N-M")
-        lo_text, hi_text = m.group(1), m.group(2)
-        lo = int(lo_text)
-        hi = int(hi_text) if hi_text is not None else lo
-        if hi < lo:
-            raise SlurmEnvError(f"host list {spec!r}: range {part!r} runs backwards")
-        if hi - lo + 1 > _MAX_HOSTS:
-            raise SlurmEnvError(f"host list {spec!r}: range {part!r} is implausibly large")
-        width = len(lo_text)
-        values.extend(str(n).zfill(width) for n in range(lo, hi + 1))
-    return values
-
-
-def parse_tasks_per_node(spec: str) -> List[int]:
-    """Expand SLURM's compressed tasks-per-node (``4(x2),2`` -> [4, 4, 2]), one entry per node."""
-    counts: List[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise SlurmEnvError(f"tasks per node {spec!r}: cannot read {part!r} "
-                                f"(expected N or N(xK))")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return counts
-
-
-def parse_gpu_count(spec: str, name: str = "GPU count") -> int:
-    """GPUs per node from ``8``, ``a100:8``, ``gpu:a100:4`` or ``a100:2,v100:2`` (summed)."""
-    text = re.sub(r"\([^)]*\)", "", spec)  # drop "(IDX:0-3)" annotations
-    total = 0
-    for item in text.split(","):
-        field = item.strip().split(":")[-1]
-        if not field.isdigit():
-            raise SlurmEnvError(f"{name}={spec!r}: cannot read a GPU count (expected N or TYPE:N)")
-        total += int(field)
-    return total
-
-
 def port_from_job_id(job_id: str) -> int:
     """Master port in [20000, 29999] from the job id, identical on every node of the job.
 
@@ -487,9 +380,7 @@ def _from_slurm(env: Mapping[str, str], default_port: int, nproc_per_node: Optio
             tasks_here = tasks_per_node[node_id]
         elif len(set(tasks_per_node)) == 1:
             tasks_here = tasks_per_node[0]
-    gpu_var, gpus = _gpus_on_node(env)
-    if nproc_per_node is not None:
-        gpu_var, gpus = "nproc_per_node", nproc_per_node
+    gpus = nproc_per_node if nproc_per_node is not None else _gpus_on_node(env)[1]
     if launcher is None:
         if tasks_here is not None and tasks_here > 1:
             launcher = "srun-per-task"
@@ -568,51 +459,6 @@ def _from_slurm(env: Mapping[str, str], default_port: int, nproc_per_node: Optio
                                rank=procid, local_rank=localid, launcher="srun-per-task")
 
 
-# --------------------------------------------------------------------------------------------
-# Parallel layout
-# --------------------------------------------------------------------------------------------
-def check_parallel_layout(world_size: int, *, tp: int = 1, pp: int = 1, cp: int = 1,
-                          ep: int = 1, etp: Optional[int] = None,
-                          num_experts: Optional[int] = None,
-                          micro_batch_size: Optional[int] = None,
-                          global_batch_size: Optional[int] = None) -> Dict[str, int]:
-    """Check Megatron-Core's divisibility rules before the job spends minutes starting up.
-
-    Dense part: world = TP * PP * CP * DP. Expert part (MoE layers): world = ETP * EP * PP *
-    EDP, where ETP defaults to TP. Returns the derived ``dp`` and ``edp``; raises
-    `ParallelLayoutError` naming the flag to change.
-    """
-    etp = tp if etp is None else etp
-    for name, v in (("world_size", world_size), ("tensor-model-parallel-size", tp),
-                    ("pipeline-model-parallel-size", pp), ("context-parallel-size", cp),
-                    ("expert-model-parallel-size", ep), ("expert-tensor-parallel-size", etp)):
-        if not isinstance(v, int) or v < 1:
-            raise ParallelLayoutError(f"--{name} must be a positive integer, got {v!r}")
-    dense = tp * pp * cp
-    if world_size % dense:
-        raise ParallelLayoutError(
-            f"world size {world_size} (nodes x GPUs per node) is not divisible by TP*PP*CP = "
-            f"{tp}*{pp}*{cp} = {dense}; change --tensor/--pipeline/--context-parallel-size or "
-            f"the node count")
-    expert = etp * ep * pp
-    if world_size % expert:
-        raise ParallelLayoutError(
-            f"world size {world_size} is not divisible by ETP*EP*PP = {etp}*{ep}*{pp} = {expert} "
-            f"(Megatron lays experts out as world = PP*ETP*EP*EDP); change "
-            f"--expert-model-parallel-size / --expert-tensor-parallel-size")
-    dp, edp = world_size // dense, world_size // expert
-    if num_experts is not None and num_experts % ep:
-        raise ParallelLayoutError(f"--num-experts {num_experts} is not divisible by "
-                                  f"--expert-model-parallel-size {ep}")
-    if micro_batch_size is not None and global_batch_size is not None:
-        if global_batch_size % (micro_batch_size * dp):
-            raise ParallelLayoutError(
-                f"--global-batch-size {global_batch_size} is not divisible by "
-                f"--micro-batch-size {micro_batch_size} x data-parallel size {dp}")
-    return {"world_size": world_size, "tp": tp, "pp": pp, "cp": cp, "dp": dp,
-            "ep": ep, "etp": etp, "edp": edp}
-
-
 def _job_world_size(env: Mapping[str, str], nproc_per_node: Optional[int]) -> int:
     """Nodes x workers per node of the whole job, readable from the batch shell too."""
     _, nnodes = _first_int(env, ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"),
@@ -625,21 +471,6 @@ def _job_world_size(env: Mapping[str, str], nproc_per_node: Optional[int]) -> in
         raise SlurmEnvError("cannot tell the world size: no GPU count in SLURM_GPUS_ON_NODE / "
                             "SLURM_GPUS_PER_NODE; pass --nproc-per-node or --world-size")
     return nnodes * gpus
-
-
-def _layout_from_args(argv: Sequence[str], world_size: int) -> Dict[str, int]:
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                 "--context-parallel-size", "--expert-model-parallel-size",
-                 "--expert-tensor-parallel-size", "--num-experts", "--micro-batch-size",
-                 "--global-batch-size"):
-        p.add_argument(flag, type=int, default=None)
-    a, _ = p.parse_known_args(list(argv))
-    return check_parallel_layout(
-        world_size, tp=a.tensor_model_parallel_size or 1, pp=a.pipeline_model_parallel_size or 1,
-        cp=a.context_parallel_size or 1, ep=a.expert_model_parallel_size or 1,
-        etp=a.expert_tensor_parallel_size, num_experts=a.num_experts,
-        micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +512,7 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     try:
         if args.check_parallel:
             world = args.world_size or _job_world_size(env, args.nproc_per_node)
-            layout = _layout_from_args(train_args, world)
+            layout = layout_from_args(train_args, world)
             print(f"parallel layout OK: world {layout['world_size']} = TP{layout['tp']} x "
                   f"PP{layout['pp']} x CP{layout['cp']} x DP{layout['dp']}; experts: "
                   f"ETP{layout['etp']} x EP{layout['ep']} x PP{layout['pp']} x "
