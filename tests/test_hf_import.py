@@ -283,6 +283,29 @@ def test_args_file_names_the_hf_tokenizer(megatron_single, hf_models, tmp_path):
     assert verify.max_abs_diff(mlogits, hlogits) < TOL
 
 
+def test_args_file_sets_the_models_dropout(megatron_single, tmp_path):
+    """model.args carries transformers' dropout (attention probabilities from the config, none
+    on the residual stream), so a run from it does not train with Megatron's defaults (0.1 and
+    0.1); an attention_dropout that is no probability is refused by key."""
+    from megatron_drlora.hf.common import HFInteropError
+    from megatron_drlora.hf.importer import convert
+    from megatron_drlora.megatron_lm.arguments import parse_megatron_args
+
+    hf_dir = tmp_path / "hf"
+    make_hf_model("mixtral", str(hf_dir))
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["attention_dropout"] = 0.25
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    convert(str(hf_dir), str(tmp_path / "base"), log=lambda s: None)
+    args = parse_megatron_args([f"@{tmp_path / 'base' / 'model.args'}", "--seq-length",
+                                str(SEQ)])
+    assert (args.attention_dropout, args.hidden_dropout) == (0.25, 0.0)
+    config["attention_dropout"] = 1.5
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFInteropError, match="attention_dropout=1.5"):
+        convert(str(hf_dir), str(tmp_path / "base2"), log=lambda s: None)
+
+
 def test_no_tokenizer_no_tokenizer_flags_and_oversized_tokenizer_is_refused(
         megatron_single, hf_models, tmp_path):
     import shutil

@@ -93,6 +93,10 @@ class ModelDescription:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     latent_norm_epsilon: Optional[float] = None  # MLA's q/kv latent norms (transformers: 1e-6)
+    # Dropout as transformers trains the model: on the attention probabilities only (config
+    # `attention_dropout`), none on the residual stream. Megatron's defaults are 0.1 for both,
+    # so model.args states them.
+    attention_dropout: float = 0.0
 
     @property
     def mla(self) -> bool:
@@ -226,7 +230,8 @@ class ModelDescription:
               *([f"--rotary-percent {self.rotary_percent!r}"] if self.rotary_percent != 1.0
                 else []),
               f"--max-position-embeddings {self.max_position_embeddings}",
-              "--disable-bias-linear", f"--vocab-size {self.vocab_size}"]
+              "--disable-bias-linear", f"--vocab-size {self.vocab_size}",
+              f"--attention-dropout {self.attention_dropout!r}", "--hidden-dropout 0.0"]
         if not self.tie_word_embeddings:
             f.append("--untie-embeddings-and-output-weights")
         if self.attention_output_bias:
@@ -251,6 +256,16 @@ def family_of(config_dict: Dict, path: str = "") -> str:
 
 def describe(config, path: str = "") -> ModelDescription:
     """Read and check a transformers config; see the module docstring."""
+    desc = _describe_family(config, path)
+    dropout = getattr(config, "attention_dropout", 0.0)
+    desc.attention_dropout = float(dropout or 0.0)
+    if not 0.0 <= desc.attention_dropout < 1.0:
+        raise HFInteropError(f"{path + '/' if path else ''}config.json: attention_dropout="
+                             f"{dropout!r} is not a probability in [0, 1)")
+    return desc
+
+
+def _describe_family(config, path: str) -> ModelDescription:
     family = family_of(config.to_dict() if hasattr(config, "to_dict") else dict(config), path)
     where = f"{path}/config.json" if path else "config.json"
 
