@@ -106,6 +106,9 @@ def adapter_sharded_state_dict(handle, layers=None) -> Dict:
     edp_rank = comm.expert_data_parallel_rank()
     for layer in handle.layers if layers is None else layers:
         bank = layer.bank
+        if getattr(bank, "pooled", False):
+            raise CheckpointError("--drlora-rank-pool: checkpoints of pooled adapters are not "
+                                  "supported yet; run without --drlora-rank-pool to save")
         num_local = len(bank.global_expert_ids)
         ep_size = bank.num_global_experts // num_local
         ep_rank = bank.global_expert_ids[0] // num_local

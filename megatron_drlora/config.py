@@ -85,6 +85,10 @@ class DRLoRAConfig:
                                     "starts from it and never grows; every layer (global "
                                     "allocation: the model) must fit the budget.",
                                     cli="rank-map")
+    rank_pool: bool = _opt(False, "Hold each MoE layer's LoRA ranks in a pool of rank slots "
+                           "sized by the budget instead of every expert at r_max: adapter "
+                           "memory ~uniform LoRA at r_target at EP=1 with layer allocation "
+                           "(opt-in; see docs/design.md).")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -181,6 +185,8 @@ class DRLoRAConfig:
                     f"lower --drlora-rank-init")
         if self.rank_map is not None:
             self._validate_rank_map(bad)
+        if not isinstance(self.rank_pool, bool):
+            bad("rank_pool", f"must be true or false, got {self.rank_pool!r}")
         for name, choices in (("allocation", ALLOCATION_SCOPES), ("saliency", SALIENCY_VARIANTS),
                               ("frequency", FREQUENCY_SOURCES), ("router", ROUTER_MODES),
                               ("shared_experts", SHARED_EXPERT_MODES)):
@@ -270,7 +276,8 @@ class DRLoRAConfig:
                 f"allocation={self.allocation} beta={self.beta} gamma={self.gamma} "
                 f"p_grow={self.p_grow} T_grow={self.grow_interval} T_buffer={self.grow_buffer}"
                 f" shared_experts={self.shared_experts}"
-                f"{' rank_map=fixed (no growth)' if self.rank_map is not None else ''}")
+                f"{' rank_map=fixed (no growth)' if self.rank_map is not None else ''}"
+                f"{' rank_pool' if self.rank_pool else ''}")
 
 
 def read_rank_map_file(path: str) -> List:
@@ -307,7 +314,10 @@ def add_drlora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for f in fields(DRLoRAConfig):
         flag = f"--drlora-{f.metadata.get('cli', f.name.replace('_', '-'))}"
         kw = dict(dest=f"drlora_{f.name}", default=None, help=f.metadata["help"])
-        if f.name == "targets":
+        if f.name == "rank_pool":  # a switch: given means on
+            kw.pop("default")
+            kw.update(action="store_const", const=True, default=None)
+        elif f.name == "targets":
             kw["type"] = lambda s: tuple(t.strip() for t in s.split(",") if t.strip())
             kw["metavar"] = "PROJ[,PROJ]"
         elif f.metadata.get("choices"):

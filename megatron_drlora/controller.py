@@ -12,6 +12,7 @@ every rank; this class only wires it to the model, the statistics and comm.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,20 @@ class DRLoRAController:
         self._ddp_attached = ddp_models is not None
         self._grad_masks = distributed_optimizer_grad_masks(ddp_models,
                                                             list(self.handle.lora_parameters()))
+
+    def attach_optimizer(self, optimizer) -> None:
+        """The optimizer that trains the adapters. Needed with --drlora-rank-pool when it keeps
+        its own copy of them (Megatron's mixed-precision and distributed optimizers: fp32 main
+        params; any optimizer's states): a grown rank's init is written there too and the
+        new slot's optimizer state zeroed (compat.optimizer.write_param_rows). Megatron-LM's
+        loop attaches its optimizer itself; a torch optimizer over fp32 adapters may be
+        attached or not (its states of a never-used slot are zero anyway)."""
+        from megatron_drlora.compat.optimizer import write_param_rows
+
+        for layer in self.handle.layers:
+            if getattr(layer.bank, "pooled", False):
+                layer.bank.row_writer = (None if optimizer is None else
+                                         functools.partial(write_param_rows, optimizer))
 
     def _require_ddp_models(self) -> None:
         if self._ddp_attached:

@@ -17,6 +17,7 @@ import torch
 
 from megatron_drlora import comm
 from megatron_drlora.adapters.bank import ExpertLoRABank, ProjectionSpec
+from megatron_drlora.adapters.pool import PooledLoRABank, pool_capacity
 from megatron_drlora.adapters import experts as attach
 from megatron_drlora.adapters.shared import SharedExpertLoRA, attach_to_shared_expert
 from megatron_drlora.compat import megatron as mcompat
@@ -179,6 +180,19 @@ class DRLoRAModel:
                 f"params, outside the DR-LoRA budget (routed experts at r_target: "
                 f"{s['routed_params_at_r_target']:,} params, all MoE layers)")
 
+    def pool_text(self) -> str:
+        """--drlora-rank-pool: the slots per layer on this rank against uniform LoRA at
+        r_target and the dense bank (r_max), for the start-up log ("" without the pool)."""
+        pooled = [layer.bank for layer in self.layers if getattr(layer.bank, "pooled", False)]
+        if not pooled:
+            return ""
+        bank, cfg = pooled[0], self.config
+        modules = len(bank.global_expert_ids) * len(bank.projection_names)
+        return (f"; rank pool: {bank.capacity} rank slots per MoE layer for this rank's "
+                f"{modules} expert modules ({bank.capacity / (modules * cfg.budget):.2f}x "
+                f"uniform LoRA at r_target {cfg.budget}, dense bank at r_max "
+                f"{cfg.rank_max}: {modules * cfg.rank_max})")
+
     def summary_text(self) -> str:
         s = self.summary()
         kinds = sorted({layer.kind for layer in self.layers})
@@ -188,7 +202,7 @@ class DRLoRAModel:
                 f"({','.join(self.projections)}) = {s['modules_here']} modules; trainable "
                 f"LoRA params (all experts of these layers): r_init {s['params_at_r_init']:,}, "
                 f"r_target {s['params_at_r_target']:,}, allocated r_max "
-                f"{s['params_allocated_r_max']:,}")
+                f"{s['params_allocated_r_max']:,}{self.pool_text()}")
 
     def remove(self) -> None:
         """Detach all hooks (the banks stay registered, so state can still be read)."""
@@ -276,19 +290,21 @@ def _adapt_layer(mlp, layer_index, moe_index, num_experts, config, model_config,
                                    f"{ep_size} != {num_experts} experts")
     specs = projection_specs(config, model_config, etp_size, etp_rank)
     base_weight = next(experts.parameters())
-    bank = ExpertLoRABank(
-        layer=layer_index,
-        global_expert_ids=[ep_rank * num_local + i for i in range(num_local)],
-        num_global_experts=num_experts,
-        projections=specs,
-        r_max=config.rank_max,
-        r_init=config.rank_init,
-        scale=config.scale,
-        dropout=config.dropout,
-        seed=config.seed,
-        dtype=base_weight.dtype,
-        device=base_weight.device,
-    )
+    expert_ids = [ep_rank * num_local + i for i in range(num_local)]
+    common = dict(layer=layer_index, global_expert_ids=expert_ids,
+                  num_global_experts=num_experts, projections=specs, r_max=config.rank_max,
+                  r_init=config.rank_init, scale=config.scale, dropout=config.dropout,
+                  seed=config.seed, dtype=base_weight.dtype, device=base_weight.device)
+    if config.rank_pool:
+        fixed = None
+        if config.rank_map is not None:
+            fixed = sum(sum(config.rank_map[moe_index][e]) for e in expert_ids)
+        num_moe_layers = sum(1 for x in mcompat.moe_layer_pattern(model_config) if x)
+        capacity = pool_capacity(config, num_experts, num_local, len(specs), num_moe_layers,
+                                 fixed)
+        bank = PooledLoRABank(capacity=capacity, **common)
+    else:
+        bank = ExpertLoRABank(**common)
     # Registered on the MoE layer (not inside the experts module) so the experts' own
     # sharded_state_dict and load paths never see adapter tensors.
     mlp.add_module("drlora", bank)
@@ -348,10 +364,9 @@ def _verify_every_expert_adapted(handle: DRLoRAModel) -> None:
         if len(layer.handles) != expected:
             raise DRLoRAInjectionError(f"layer {layer.layer}: installed {len(layer.handles)} "
                                        f"adapter hooks, expected {expected}")
-        for name in bank.projection_names:
-            for which in ("A", "B"):
-                if not bank.factor(name, which).requires_grad:
-                    raise DRLoRAInjectionError(f"layer {layer.layer}: {name}_{which} is frozen")
+        for pname, param in bank.named_parameters():
+            if not param.requires_grad:
+                raise DRLoRAInjectionError(f"layer {layer.layer}: {pname} is frozen")
 
 
 def _make_inputs_require_grad(chunks) -> List:

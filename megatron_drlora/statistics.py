@@ -102,6 +102,10 @@ def local_sensitivity(handle, contributes_a, contributes_b,
     for layer in handle.layers:
         bank = layer.bank
         ids = _expert_slice(bank)
+        if getattr(bank, "pooled", False):
+            _pooled_sensitivity(bank, layer.moe_index, ids, l1_a, l1_b, contributes_a,
+                                contributes_b, grad_masks)
+            continue
         for j, name in enumerate(bank.projection_names):
             # Slots past the largest active rank have exactly zero gradient (prefix compute):
             # skip them, their l1 is 0.
@@ -122,3 +126,37 @@ def local_sensitivity(handle, contributes_a, contributes_b,
                 out[layer.moe_index, ids, j, :r_hi] = rank_sensitivity_l1(
                     grad, param.narrow(rank_dim, 0, r_hi), rank_dim)
     return l1_a, l1_b
+
+
+def _slot_l1(param, grad_masks) -> torch.Tensor:
+    """Per-slot ||grad (.) slot||_1 of a pool parameter [S, width] -> [S] float64 (None when
+    there is no gradient yet)."""
+    grad = reduced_grad(param)
+    if grad is None:
+        return None
+    grad = grad.view_as(param)
+    if param in grad_masks:
+        grad = grad * grad_masks[param]
+    return rank_sensitivity_l1(grad.unsqueeze(1), param.unsqueeze(1), 1).squeeze(1)
+
+
+def _pooled_sensitivity(bank, moe_index, ids, l1_a, l1_b, contributes_a, contributes_b,
+                        grad_masks) -> None:
+    """A pooled bank (adapters/pool.py): l1 per slot of each pool parameter, then mapped to
+    (expert, projection, rank) through the device slot table; ranks at or above an expert's
+    rank read 0. A slot serves one (expert, projection, rank), so its l1 is that rank's."""
+    per_slot = {id(p): _slot_l1(p, grad_masks) for p in (bank.slots_hidden, bank.slots_ffn)}
+    for j, name in enumerate(bank.projection_names):
+        r_hi = max(bank.ranks_of(name), default=0)
+        if r_hi == 0:
+            continue
+        table = bank.slot_table[:, j, :r_hi]
+        active = (torch.arange(r_hi, device=table.device)
+                  < bank.ranks[:, j].unsqueeze(1))
+        for which, out, gate in (("A", l1_a, contributes_a), ("B", l1_b, contributes_b)):
+            slots = per_slot[id(bank.side(name, which))]
+            if slots is None or not gate(bank, name):
+                continue
+            values = slots[table.reshape(-1)].view(table.shape)
+            out[moe_index, ids, j, :r_hi] = torch.where(active, values,
+                                                        torch.zeros_like(values))

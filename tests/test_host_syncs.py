@@ -141,11 +141,12 @@ def _step(model, args, step, calls_by_phase, controller, record):
     return report
 
 
-@pytest.mark.parametrize("variant", ["full", "frequency"])
+@pytest.mark.parametrize("variant", ["full", "frequency", "rank_pool"])
 def test_no_host_transfers_in_forward_backward_and_non_event_steps(variant):
     args = tiny_args()
     cfg = DRLoRAConfig(budget=8, grow_interval=3, grow_buffer=0, warmup_iters=2,
-                       saliency=variant)
+                       saliency="full" if variant == "rank_pool" else variant,
+                       rank_pool=variant == "rank_pool")
     chunks, handle = build(args, cfg)
     randomize_adapters(handle)
     controller = DRLoRAController(handle, train_iters=12, warmup_iters=None)

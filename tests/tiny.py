@@ -45,7 +45,9 @@ def randomize_adapters(handle, seed: int = 7, scale: float = 0.05) -> None:
         bank = layer.bank
         for name in bank.projection_names:
             spec = bank.specs[name]
-            a, b = bank.factor(name, "A"), bank.factor(name, "B")
+            # dense values, written through the accessor both banks have (a pooled bank keeps
+            # the active ranks' values)
+            a, b = bank.dense_factor(name, "A"), bank.dense_factor(name, "B")
             for local, expert in enumerate(bank.global_expert_ids):
                 g = torch.Generator().manual_seed(_seed(seed, layer.layer, expert, name))
                 full_a = torch.randn(bank.r_max, spec.in_features, generator=g) * scale
@@ -58,6 +60,8 @@ def randomize_adapters(handle, seed: int = 7, scale: float = 0.05) -> None:
                     full_b = full_b[spec.tp_rank * w:(spec.tp_rank + 1) * w]
                 a[local].copy_(full_a)
                 b[local].copy_(full_b)
+            bank.write_dense_factor(name, "A", a)
+            bank.write_dense_factor(name, "B", b)
 
 
 def grown_rank_map(handle, seed: int = 3) -> torch.Tensor:

@@ -71,6 +71,8 @@ def kaiming_uniform_a(r_max: int, fan_in: int, seed: int) -> torch.Tensor:
 class ExpertLoRABank(torch.nn.Module):
     """LoRA factors and active ranks of the local experts of one MoE layer."""
 
+    pooled = False  # adapters/pool.py: PooledLoRABank (--drlora-rank-pool) is True
+
     def __init__(
         self,
         layer: int,
@@ -131,6 +133,19 @@ class ExpertLoRABank(torch.nn.Module):
     # --- parameters -----------------------------------------------------------------------
     def factor(self, projection: str, which: str) -> torch.nn.Parameter:
         return getattr(self, f"{projection}_{which}")
+
+    def lora_factors(self, projection: str, width: Optional[int] = None):
+        """(A [E, r_max, k], B [E, d, r_max]) for the forward: the parameters themselves (the
+        pooled bank gathers them; `width` is its hint and ignored here)."""
+        return self.factor(projection, "A"), self.factor(projection, "B")
+
+    def dense_factor(self, projection: str, which: str) -> torch.Tensor:
+        """A detached copy of a factor (the same accessor as the pooled bank's)."""
+        return self.factor(projection, which).detach().clone()
+
+    @torch.no_grad()
+    def write_dense_factor(self, projection: str, which: str, value: torch.Tensor) -> None:
+        self.factor(projection, which).copy_(value.to(self.factor(projection, which).dtype))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -23,7 +23,8 @@ from typing import Callable, List
 import torch
 
 from megatron_drlora.adapters.bank import ExpertLoRABank
-from megatron_drlora.adapters.lora_math import add_to_fc1_half, grouped_lora_delta, lora_delta
+from megatron_drlora.adapters.lora_math import (add_to_fc1_half, grouped_lora_delta,
+                                                grouped_width, lora_delta)
 
 
 def _remember_expert_tp_group(bank: ExpertLoRABank, etp_group) -> None:
@@ -33,6 +34,8 @@ def _remember_expert_tp_group(bank: ExpertLoRABank, etp_group) -> None:
 def replicated_factors(bank: ExpertLoRABank) -> List[torch.nn.Parameter]:
     """The factor of each projection that is whole on every expert-TP rank while its gradient
     is partial there (fc1: A, B sharded on output; fc2: B, A sharded on input)."""
+    if getattr(bank, "pooled", False):  # the hidden-size slots are whole on every ETP rank
+        return [bank.slots_hidden] if bank.tp_size > 1 else []
     out = []
     for name in bank.projection_names:
         spec = bank.specs[name]
@@ -81,15 +84,20 @@ class _ExpertFactorViews:
         self.views = {}
 
     def make(self, module, args) -> None:
-        self.views = {(n, w): self.bank.factor(n, w).unbind(0)
-                      for n in self.bank.projection_names for w in ("A", "B")}
+        self.views = {}
+        for name in self.bank.projection_names:
+            # a pooled bank gathers only up to the widest active rank (the loop slices)
+            a, b = self.bank.lora_factors(name, max(self.bank.ranks_of(name), default=0))
+            self.views[(name, "A")], self.views[(name, "B")] = a.unbind(0), b.unbind(0)
 
     def drop(self, module, args, output) -> None:
         self.views = {}
 
     def get(self, name: str, which: str, local: int) -> torch.Tensor:
         views = self.views.get((name, which))
-        return views[local] if views is not None else self.bank.factor(name, which)[local]
+        if views is not None:
+            return views[local]
+        return self.bank.lora_factors(name, self.bank.r_max)[0 if which == "A" else 1][local]
 
 
 class _HookPair:
@@ -135,8 +143,9 @@ def attach_to_sequential(experts, bank: ExpertLoRABank, etp_group) -> List:
 def _grouped(bank: ExpertLoRABank, name: str, x: torch.Tensor, counts):
     """All local experts' delta of one projection in one grouped call (see lora_math)."""
     j = bank.projection_names.index(name)
-    return grouped_lora_delta(x, counts, bank.factor(name, "A"), bank.factor(name, "B"),
-                              bank.ranks_of(name), bank.scale, bank.dropout, bank.training,
+    ranks = bank.ranks_of(name)
+    a, b = bank.lora_factors(name, grouped_width(max(ranks, default=0), bank.r_max, x))
+    return grouped_lora_delta(x, counts, a, b, ranks, bank.scale, bank.dropout, bank.training,
                               ranks_device=bank.ranks[:, j])
 
 

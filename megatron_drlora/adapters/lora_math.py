@@ -113,6 +113,13 @@ def _no_token_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return torch.matmul(hidden, b.transpose(1, 2)).sum(0) * scale
 
 
+def grouped_width(max_rank: int, r_max: int, x: torch.Tensor) -> int:
+    """The rank width the grouped kernels run at for `x`'s dtype: the largest active rank
+    rounded up to 16 bytes, capped at r_max (a pooled bank gathers its factors this wide)."""
+    align = max(1, _ALIGN_BYTES // x.element_size())
+    return min(r_max, -(-max(max_rank, 1) // align) * align)
+
+
 def _grouped_width(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    ranks: Sequence[int]) -> Optional[int]:
     """The rank width the grouped kernels run at, or None when they cannot run here.
@@ -128,9 +135,7 @@ def _grouped_width(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     if x.device != a.device or x.device != b.device or x.stride(-1) != 1:
         return None
     item = x.element_size()
-    align = _ALIGN_BYTES // item
-    r_max = a.shape[1]
-    width = min(r_max, -(-max(max(ranks, default=0), 1) // align) * align)
+    width = grouped_width(max(ranks, default=0), a.shape[1], x)
     strides = (x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), width,
                b.shape[1])
     if a.stride(2) != 1 or b.stride(2) != 1 or any(s * item % _ALIGN_BYTES for s in strides):

@@ -178,6 +178,7 @@ class DRLoRARun:
 
         optimizer.step = step_then_drlora
         self.optimizer = optimizer
+        self.controller.attach_optimizer(optimizer)  # --drlora-rank-pool writes its main copy
 
     def _after_optimizer_step(self, stepped: bool, grad_norm) -> None:
         from megatron.training import get_args

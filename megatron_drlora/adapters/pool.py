@@ -1,0 +1,259 @@
+"""PooledLoRABank (`--drlora-rank-pool`): one MoE layer's LoRA ranks held in a pool of slots.
+
+Why: the dense ExpertLoRABank allocates every (expert, projection) at r_max, so parameters,
+gradients, main copies and Adam moments cost uniform LoRA at r_max (2x r_target by default)
+although the budget never lets more than uniform LoRA at r_target be active. The pool holds only
+as many rank slots as the allocator can ever give this rank's experts in this layer
+(`pool_capacity`), and growth assigns free slots; shapes stay static, so Megatron's DDP buffers,
+the optimizers and dist_checkpointing stay valid for the whole run.
+
+One slot is one rank of any projection, as two rows: `slots_hidden[s]` (hidden size, whole on
+every expert-TP rank) and `slots_ffn[s]` (the expert's intermediate size, sharded over
+expert-TP like fc1's output / fc2's input). For gate/up (fc1) the A-row is `slots_hidden[s]` and
+the B-column `slots_ffn[s]`; for down (fc2) the A-row is `slots_ffn[s]` and the B-column
+`slots_hidden[s]`. Every projection's rank therefore costs hidden + ffn, exactly like uniform
+LoRA.
+
+The slot table [local experts, projections, r_max] maps (expert, projection, rank k) to a slot,
+as a device tensor (the forward gathers with it, no host read) and a host copy (-1 = none).
+Free slots hold zeros: zero gradient, zero Adam moments, and weight decay keeps them zero.
+Assigning rank k writes the dense bank's init into the slot (A-row k of the same
+`kaiming_uniform_a` draw, B zero) and, through `row_writer` (the controller sets it to
+compat.optimizer.write_param_rows), into the optimizer's main copy with the slot's optimizer
+state reset; a pooled model computes what a dense bank with the same rank map computes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_drlora.adapters.bank import ProjectionSpec, init_seed, kaiming_uniform_a
+
+
+def pool_capacity(config, num_experts: int, num_local: int, num_projections: int,
+                  num_moe_layers: int, fixed_local_sum: Optional[int] = None) -> int:
+    """The most rank slots the allocator can ever give one rank's local experts of one layer.
+
+    Ranks only grow from r_init, so the other modules of the budget scope hold at least r_init
+    each: S = min(local modules x r_max, scope budget - other modules x r_init), the scope
+    being the layer (`--drlora-allocation layer`: E x P modules) or the model ('global':
+    L x E x P). At EP=1 with layer scope that is uniform LoRA at r_target; with global scope or
+    EP > 1 it may be up to local modules x r_max (no saving). A fixed `--drlora-rank-map` needs
+    exactly its local sum (`fixed_local_sum`)."""
+    local_modules = num_local * num_projections
+    if fixed_local_sum is not None:
+        return max(1, int(fixed_local_sum))
+    scope = num_experts * num_projections
+    if config.allocation == "global":
+        scope *= num_moe_layers
+    budget = max(config.budget, config.rank_init) * scope
+    bound = budget - (scope - local_modules) * config.rank_init
+    return max(1, min(local_modules * config.rank_max, bound))
+
+
+class PooledLoRABank(torch.nn.Module):
+    """LoRA rank slots and the slot table of the local experts of one MoE layer."""
+
+    pooled = True
+
+    def __init__(self, layer: int, global_expert_ids: Sequence[int], num_global_experts: int,
+                 projections: Sequence[ProjectionSpec], r_max: int, r_init: int, scale: float,
+                 capacity: int, dropout: float = 0.0, seed: int = 1234,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
+        super().__init__()
+        self.layer = int(layer)
+        self.global_expert_ids = [int(e) for e in global_expert_ids]
+        self.num_global_experts = int(num_global_experts)
+        self.specs: Dict[str, ProjectionSpec] = {p.name: p for p in projections}
+        self.projection_names: List[str] = [p.name for p in projections]
+        self.r_max = int(r_max)
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        self.seed = int(seed)
+        self.capacity = int(capacity)
+        spec = projections[0]
+        hidden = spec.in_features if spec.linear == "fc1" else spec.out_features
+        ffn_local = spec.out_local if spec.linear == "fc1" else spec.in_local
+        self.tp_size, self.tp_rank = spec.tp_size, spec.tp_rank
+        for name, width, sharded in (("slots_hidden", hidden, False),
+                                     ("slots_ffn", ffn_local, spec.tp_size > 1)):
+            param = torch.nn.Parameter(torch.zeros(self.capacity, width, dtype=dtype,
+                                                   device=device))
+            # The dense bank's contract (see bank.py): expert buffer reduced over expert-DP;
+            # counted in the grad norm on every rank unless replicated across expert-TP.
+            param.allreduce = False
+            param.drlora = True
+            param.drlora_sharded = sharded
+            duplicate = spec.tp_size > 1 and not sharded and spec.tp_rank != 0
+            param.tensor_model_parallel = not duplicate
+            param.partition_dim = 1
+            param.partition_stride = 1
+            if duplicate:
+                param.shared = True
+            self.register_parameter(name, param)
+        num_local = len(self.global_expert_ids)
+        shape = (num_local, len(projections), self.r_max)
+        self._table = torch.full(shape, -1, dtype=torch.int64)  # host copy, -1 = no slot
+        # Device copy used by the forward gathers; unassigned entries point at slot 0 (the
+        # grouped kernels mask columns at or above an expert's rank, the loop slices them off).
+        self.register_buffer("slot_table", torch.zeros(shape, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("ranks", torch.zeros(num_local, len(projections), dtype=torch.int64,
+                                                  device=device), persistent=False)
+        self._ranks_list: List[List[int]] = self.ranks.cpu().tolist()
+        self._free: List[int] = list(range(self.capacity))
+        # (param, rows LongTensor, values) -> None: also writes the optimizer's main copy.
+        self.row_writer: Optional[Callable] = None
+        self.set_ranks(torch.full((num_local, len(projections)), int(r_init), dtype=torch.int64))
+
+    # --- which pool row holds which factor ---------------------------------------------------
+    def side(self, projection: str, which: str) -> torch.nn.Parameter:
+        """The pool parameter holding `projection`'s A-rows or B-columns."""
+        fc1 = self.specs[projection].linear == "fc1"
+        return self.slots_hidden if (which == "A") == fc1 else self.slots_ffn
+
+    # --- ranks (ExpertLoRABank's interface) ------------------------------------------------
+    def rank(self, local_expert: int, projection: str) -> int:
+        return self._ranks_list[local_expert][self.projection_names.index(projection)]
+
+    def ranks_of(self, projection: str) -> List[int]:
+        j = self.projection_names.index(projection)
+        return [row[j] for row in self._ranks_list]
+
+    def slots_in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    @torch.no_grad()
+    def set_ranks(self, ranks: torch.Tensor) -> None:
+        """Set the active ranks [local experts, projections]: a grown rank takes the lowest
+        free slot and gets its init; a shrunk one (only a load does that) frees its slots,
+        zeroed. Raises before changing anything when the pool is too small."""
+        ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
+        if tuple(ranks.shape) != tuple(self.ranks.shape):
+            raise ValueError(f"layer {self.layer}: rank map shape {tuple(ranks.shape)} != "
+                             f"{tuple(self.ranks.shape)} (local experts, projections)")
+        if int(ranks.min()) < 0 or int(ranks.max()) > self.r_max:
+            raise ValueError(f"layer {self.layer}: ranks must lie in [0, r_max={self.r_max}]")
+        if int(ranks.sum()) > self.capacity:
+            raise ValueError(
+                f"layer {self.layer}: the rank map needs {int(ranks.sum())} rank slots on this "
+                f"rank but the pool (--drlora-rank-pool) holds {self.capacity}; it is sized for "
+                f"ranks grown from r_init within the budget")
+        old = self._ranks_list
+        new = ranks.tolist()
+        freed: List[int] = []
+        for e, row in enumerate(new):
+            for j, r in enumerate(row):
+                if r < old[e][j]:
+                    freed += self._table[e, j, r:old[e][j]].tolist()
+                    self._table[e, j, r:old[e][j]] = -1
+        if freed:
+            rows = torch.tensor(freed, dtype=torch.int64)
+            for param in (self.slots_hidden, self.slots_ffn):
+                self._write_rows(param, rows, torch.zeros(len(freed), param.shape[1],
+                                                          dtype=param.dtype))
+            self._free = sorted(self._free + freed)
+        grown = [(e, j, old[e][j], r) for e, row in enumerate(new) for j, r in enumerate(row)
+                 if r > old[e][j]]
+        if grown:
+            self._assign(grown)
+        self._ranks_list = new
+        self.ranks.copy_(ranks.to(self.ranks.device))
+        self.slot_table.copy_(self._table.clamp(min=0).to(self.slot_table.device))
+
+    def _assign(self, grown) -> None:
+        """Take free slots for ranks [lo, hi) of (expert, projection) and write the init."""
+        writes = {id(self.slots_hidden): [], id(self.slots_ffn): []}
+        for e, j, lo, hi in grown:
+            name = self.projection_names[j]
+            slots, self._free = self._free[:hi - lo], self._free[hi - lo:]
+            self._table[e, j, lo:hi] = torch.tensor(slots, dtype=torch.int64)
+            a_rows = self.init_rows(e, name)[lo:hi]
+            a_side, b_side = self.side(name, "A"), self.side(name, "B")
+            writes[id(a_side)].append((slots, a_rows))
+            writes[id(b_side)].append((slots, torch.zeros(hi - lo, b_side.shape[1],
+                                                          dtype=torch.float64)))
+        for param in (self.slots_hidden, self.slots_ffn):
+            items = writes[id(param)]
+            if items:
+                rows = torch.tensor([s for slots, _ in items for s in slots], dtype=torch.int64)
+                values = torch.cat([v for _, v in items]).to(param.dtype)
+                self._write_rows(param, rows, values)
+
+    def init_rows(self, local_expert: int, projection: str) -> torch.Tensor:
+        """The dense bank's A [r_max, k_local] of (local expert, projection), float64."""
+        spec = self.specs[projection]
+        full = kaiming_uniform_a(self.r_max, spec.in_features,
+                                 init_seed(self.seed, self.layer,
+                                           self.global_expert_ids[local_expert], projection))
+        if spec.a_sharded:
+            width = spec.in_local
+            full = full[:, spec.tp_rank * width:(spec.tp_rank + 1) * width]
+        return full
+
+    def _write_rows(self, param: torch.nn.Parameter, rows: torch.Tensor,
+                    values: torch.Tensor) -> None:
+        values = values.to(device=param.device, dtype=param.dtype)
+        param.data[rows.to(param.device)] = values
+        if self.row_writer is not None:
+            self.row_writer(param, rows, values)
+
+    # --- the forward's factors ---------------------------------------------------------------
+    def lora_factors(self, projection: str, width: int):
+        """(A [E, width, k], B [E, d, width]) of every local expert, gathered from the pool with
+        the device slot table (autograd sends the gradients back to the slots)."""
+        j = self.projection_names.index(projection)
+        num_local = len(self.global_expert_ids)
+        index = self.slot_table[:, j, :width].reshape(-1)
+        a_side, b_side = self.side(projection, "A"), self.side(projection, "B")
+        a = a_side.index_select(0, index).view(num_local, width, a_side.shape[1])
+        b_rows = b_side.index_select(0, index).view(num_local, width, b_side.shape[1])
+        return a, b_rows.transpose(1, 2).contiguous()
+
+    # --- dense views (checkpoints, export, tests, benchmarks) --------------------------------
+    def dense_from(self, projection: str, which: str, pool: Dict[str, torch.Tensor],
+                   table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The dense factor (A [E, r_max, k] / B [E, d, r_max]) of `projection` built from pool
+        tensors {'slots_hidden', 'slots_ffn'} (the parameters or optimizer states shaped like
+        them), zero at inactive ranks."""
+        table = self._table if table is None else table
+        j = self.projection_names.index(projection)
+        src = pool["slots_hidden" if self.side(projection, which) is self.slots_hidden
+                   else "slots_ffn"]
+        tab = table[:, j, :].to(src.device)
+        rows = src.index_select(0, tab.clamp(min=0).reshape(-1)).view(*tab.shape, src.shape[1])
+        rows = rows * (tab >= 0).unsqueeze(-1).to(rows.dtype)
+        return rows if which == "A" else rows.transpose(1, 2).contiguous()
+
+    def dense_factor(self, projection: str, which: str) -> torch.Tensor:
+        """A detached dense copy of a factor (zeros at inactive ranks)."""
+        with torch.no_grad():
+            return self.dense_from(projection, which, {"slots_hidden": self.slots_hidden,
+                                                       "slots_ffn": self.slots_ffn})
+
+    @torch.no_grad()
+    def write_dense_factor(self, projection: str, which: str, value: torch.Tensor) -> None:
+        """Write the active ranks of a dense factor into their slots (inactive ones ignored)."""
+        j = self.projection_names.index(projection)
+        rows = value if which == "A" else value.transpose(1, 2)
+        tab = self._table[:, j, :]
+        used = tab >= 0
+        self._write_rows(self.side(projection, which), tab[used],
+                         rows.to(torch.float64, copy=True).cpu()[used])
+
+    def factor(self, projection: str, which: str):
+        raise AttributeError(
+            "a pooled bank (--drlora-rank-pool) has no per-projection factor parameters; use "
+            "dense_factor / write_dense_factor, or lora_factors for the forward")
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """Nothing (see ExpertLoRABank.sharded_state_dict)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer}, experts={self.global_expert_ids[0]}.."
+                f"{self.global_expert_ids[-1]} of {self.num_global_experts}, "
+                f"projections={self.projection_names}, r_max={self.r_max}, "
+                f"slots={self.capacity}, scale={self.scale:g}")

@@ -1,0 +1,252 @@
+"""--drlora-rank-pool (adapters/pool.py): the pooled bank computes the dense bank's model.
+
+The reference is the dense ExpertLoRABank (itself checked against plain float64 merged-weight
+products in test_adapters.py) with the same rank map and values: outputs, per-(expert, rank)
+gradients, growth's init, the saliency statistics; plus the pool's own promises: free slots
+stay exactly zero through AdamW with weight decay, and its memory is uniform LoRA at r_target.
+"""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_drlora import DRLoRAConfig
+from megatron_drlora.adapters import experts as attach
+from megatron_drlora.adapters.bank import ExpertLoRABank, init_seed, kaiming_uniform_a
+from megatron_drlora.adapters.pool import PooledLoRABank, pool_capacity
+from megatron_drlora.controller import DRLoRAController
+from megatron_drlora.inject import projection_specs
+from megatron_drlora.statistics import local_sensitivity
+from tests.tiny import batch, build, randomize_adapters, tiny_args
+
+pytestmark = pytest.mark.usefixtures("megatron_single")
+
+# [MoE layer][expert][projection] within the layer budget 4 experts x 2 x r_target 8 = 64
+RANKS = [[[3, 16], [0, 5], [12, 9], [8, 8]], [[1, 1], [16, 16], [2, 0], [7, 11]]]
+
+
+def _pair(args, targets=("up", "down"), rank_map=RANKS, **cfg):
+    """A dense and a pooled model with the same base, rank map and adapter values."""
+    out = []
+    for pool in (False, True):
+        config = DRLoRAConfig(budget=8, targets=targets, rank_pool=pool, **cfg)
+        chunks, handle = build(args, config)
+        handle.set_rank_map(torch.tensor(rank_map)[:, :, :len(targets)])
+        randomize_adapters(handle)
+        out.append((chunks[0], handle))
+    return out
+
+
+def _loss(model, args, seed=0):
+    tokens, pos, labels = batch(args, batch_size=4, seed=seed)
+    return model(tokens, pos, None, labels=labels).float().mean()
+
+
+def _dense_grads(bank):
+    """{(projection, A|B): dense gradient} of either bank (pooled: mapped through its table)."""
+    out = {}
+    for name in bank.projection_names:
+        for which in ("A", "B"):
+            if bank.pooled:
+                grads = {"slots_hidden": bank.slots_hidden.grad, "slots_ffn": bank.slots_ffn.grad}
+                out[name, which] = bank.dense_from(name, which, grads)
+            else:
+                out[name, which] = bank.factor(name, which).grad
+    return out
+
+
+def _assert_close_scaled(actual, expected, rel=1e-5):
+    scale = expected.abs().max().clamp_min(1e-30)
+    assert (actual.double() - expected.double()).abs().max() <= rel * scale, \
+        f"max diff {(actual - expected).abs().max()} vs scale {scale}"
+
+
+@pytest.mark.parametrize("targets,gated", [(("up", "down"), True), (("gate", "up", "down"), True),
+                                           (("up", "down"), False)],
+                         ids=["up-down", "gate-up-down", "non-gated"])
+def test_pool_forward_backward_equal_dense_bank(targets, gated):
+    args = tiny_args(swiglu=gated)
+    rank_map = [[row + [row[0]] for row in layer] for layer in RANKS] if len(targets) == 3 \
+        else RANKS
+    if len(targets) == 3:  # keep within 4 x 3 x 8 = 96 per layer
+        rank_map = [[[min(r, 8) for r in row] for row in layer] for layer in rank_map]
+    (dense_model, dense), (pool_model, pool) = _pair(args, targets, rank_map)
+    loss_d, loss_p = _loss(dense_model, args), _loss(pool_model, args)
+    loss_d.backward()
+    loss_p.backward()
+    _assert_close_scaled(loss_p.detach(), loss_d.detach(), 1e-6)
+    for ld, lp in zip(dense.layers, pool.layers):
+        gd, gp = _dense_grads(ld.bank), _dense_grads(lp.bank)
+        for key in gd:
+            assert torch.count_nonzero(gd[key]) > 0
+            _assert_close_scaled(gp[key], gd[key])
+
+
+class _CPUGroupedLinear(torch.nn.Module):
+    """TE's grouped linear called as (x, m_splits), on CPU."""
+
+    def __init__(self, num_experts, in_f, out_f, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(num_experts, out_f, in_f, generator=g) * 0.1)
+
+    def forward(self, x, m_splits):
+        outs = [chunk @ self.weight[e].T for e, chunk in enumerate(torch.split(x, m_splits))]
+        return torch.cat(outs), None
+
+
+def _grouped_banks(ffn, r_max, num=3, hidden=8):
+    cfg = DRLoRAConfig(budget=r_max // 2, r_max=r_max, p_grow=0.5, rank_pool=True)
+    model_cfg = types.SimpleNamespace(hidden_size=hidden, moe_ffn_hidden_size=ffn,
+                                      ffn_hidden_size=ffn, gated_linear_unit=True)
+    specs = projection_specs(cfg, model_cfg, 1, 0)
+    ranks = torch.tensor([[1, r_max], [0, 2], [r_max - 1, 3]])
+    dense = ExpertLoRABank(0, list(range(num)), num, specs, r_max, cfg.rank_init, cfg.scale)
+    pool = PooledLoRABank(0, list(range(num)), num, specs, r_max, cfg.rank_init, cfg.scale,
+                          capacity=int(ranks.sum()) + 2)
+    g = torch.Generator().manual_seed(5)
+    for bank in (dense, pool):
+        bank.set_ranks(ranks)
+    for name in dense.projection_names:
+        b = torch.randn(dense.factor(name, "B").shape, generator=g) * 0.2
+        dense.write_dense_factor(name, "B", b)
+        pool.write_dense_factor(name, "B", b)
+        pool.write_dense_factor(name, "A", dense.dense_factor(name, "A"))
+    return dense, pool
+
+
+@pytest.mark.parametrize("ffn,r_max", [(6, 6), (8, 8)], ids=["per-expert-loop", "grouped-mm"])
+def test_grouped_hooks_pool_equal_dense_bank(ffn, r_max):
+    """The TEGroupedMLP hook path; widths of 6 fp32 take the per-expert loop, 8 grouped_mm."""
+    dense, pool = _grouped_banks(ffn, r_max)
+    counts = [4, 0, 5]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 8, generator=g)
+    probs = torch.rand(9, generator=g)
+    grad_out = torch.randn(9, 8, generator=g)
+    results = []
+    for bank in (dense, pool):
+        experts = torch.nn.Module()
+        experts.linear_fc1 = _CPUGroupedLinear(3, 8, 2 * ffn, seed=1)
+        experts.linear_fc2 = _CPUGroupedLinear(3, ffn, 8, seed=2)
+        attach.attach_to_grouped_linears(experts, bank, None)
+        h, _ = experts.linear_fc1(x, counts)
+        half = h.shape[-1] // 2
+        out, _ = experts.linear_fc2(F.silu(h[:, :half]) * h[:, half:] * probs[:, None], counts)
+        out.backward(grad_out)
+        results.append((out.detach(), _dense_grads(bank)))
+    (out_d, grads_d), (out_p, grads_p) = results
+    _assert_close_scaled(out_p, out_d, 1e-6)
+    for key in grads_d:
+        _assert_close_scaled(grads_p[key], grads_d[key])
+
+
+def test_growth_writes_the_dense_init_and_keeps_outputs_and_free_slots_zero():
+    args = tiny_args()
+    config = DRLoRAConfig(budget=8, rank_pool=True, grow_interval=10, grow_buffer=0)
+    chunks, handle = build(args, config)
+    model = chunks[0]
+    controller = DRLoRAController(handle, train_iters=100, warmup_iters=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    controller.attach_optimizer(opt)
+    for step in range(3):
+        opt.zero_grad()
+        _loss(model, args, seed=step).backward()
+        opt.step()
+    banks = [layer.bank for layer in handle.layers]
+    for bank in banks:  # r_init 4 x 4 experts x 2 of 64 slots used, the rest exactly zero
+        free = torch.tensor(bank._free)
+        assert len(free) == bank.capacity - 32
+        for p in (bank.slots_hidden, bank.slots_ffn):
+            assert torch.count_nonzero(p.detach()[free]) == 0
+            assert torch.count_nonzero(opt.state[p]["exp_avg"][free]) == 0
+    before = _loss(model, args, seed=9).detach()
+    free_before = [set(bank._free) for bank in banks]
+    rank_map = handle.initial_rank_map()
+    rank_map[:, ::2] += 3
+    handle.set_rank_map(rank_map)
+    assert torch.equal(before, _loss(model, args, seed=9).detach())
+    for bank, was_free in zip(banks, free_before):
+        for name in bank.projection_names:
+            a = bank.dense_factor(name, "A")
+            for e, expert in enumerate(bank.global_expert_ids):
+                r0, r1 = 4, bank.rank(e, name)
+                if r1 == r0:
+                    continue
+                spec = bank.specs[name]
+                want = kaiming_uniform_a(bank.r_max, spec.in_features,
+                                         init_seed(config.seed, bank.layer, expert, name))
+                assert torch.equal(a[e, r0:r1], want[r0:r1].float())
+                assert torch.count_nonzero(bank.dense_factor(name, "B")[e, :, r0:r1]) == 0
+        taken = torch.tensor(sorted(was_free - set(bank._free)))
+        assert len(taken) == 3 * 2 * 2  # experts 0 and 2, both projections, +3
+        for p in (bank.slots_hidden, bank.slots_ffn):  # new slots start with zero moments
+            assert torch.count_nonzero(opt.state[p]["exp_avg_sq"][taken]) == 0
+
+
+def test_free_slots_stay_zero_and_training_matches_dense_bank():
+    """Three AdamW steps (weight decay 0: the dense bank's inactive A rows would decay
+    otherwise, while a pooled rank starts from the true init) give the same logits."""
+    args = tiny_args()
+    models = _pair(args)
+    logits = []
+    for model, handle in models:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                weight_decay=0.0)
+        for step in range(3):
+            opt.zero_grad()
+            _loss(model, args, seed=step).backward()
+            opt.step()
+        tokens, pos, _ = batch(args, seed=11)
+        with torch.no_grad():
+            logits.append(model(tokens, pos, None))
+        if handle.layers[0].bank.pooled:
+            for bank in (layer.bank for layer in handle.layers):
+                free = torch.tensor(bank._free, dtype=torch.int64)
+                assert torch.count_nonzero(bank.slots_hidden.detach()[free]) == 0
+                assert torch.count_nonzero(bank.slots_ffn.detach()[free]) == 0
+    _assert_close_scaled(logits[1], logits[0], 1e-4)
+
+
+def test_statistics_equal_dense_bank():
+    args = tiny_args()
+    results = []
+    for model, handle in _pair(args):
+        _loss(model, args).backward()
+        results.append(local_sensitivity(handle, lambda b, n: True, lambda b, n: True))
+    (a_d, b_d), (a_p, b_p) = results
+    assert torch.count_nonzero(a_d) > 20
+    torch.testing.assert_close(a_p, a_d, rtol=1e-5, atol=0)
+    torch.testing.assert_close(b_p, b_d, rtol=1e-5, atol=0)
+
+
+def test_pool_memory_is_uniform_lora_at_r_target():
+    args = tiny_args()
+    # global scope, 2 layers: a layer may take the budget the other leaves above r_init:
+    # 2 x 8 x 8 - 8 x 4 = 96 slots of each layer's 64 at r_target
+    for allocation, ratio in (("layer", 1.0), ("global", 1.5)):
+        config = DRLoRAConfig(budget=8, rank_pool=True, allocation=allocation)
+        _, handle = build(args, config)
+        pooled = sum(p.numel() for p in handle.lora_parameters())
+        uniform = 2 * 4 * 2 * 8 * (args.hidden_size + args.ffn_hidden_size)
+        assert pooled == ratio * uniform, (allocation, pooled, uniform)
+        assert "rank pool: " in handle.summary_text()
+
+
+def test_pool_capacity_bounds():
+    cfg = DRLoRAConfig(budget=8, r_init=4, r_max=16)
+    assert pool_capacity(cfg, 64, 64, 2, 16) == 64 * 2 * 8  # EP=1: the layer budget
+    # EP=8: 8 local experts may take the layer's spare ranks, capped at r_max each
+    assert pool_capacity(cfg, 64, 8, 2, 16) == min(8 * 2 * 16, 64 * 2 * 8 - 56 * 2 * 4)
+    assert pool_capacity(cfg, 64, 8, 2, 16, fixed_local_sum=100) == 100
+
+
+def test_pool_refuses_a_rank_map_over_its_capacity():
+    args = tiny_args()
+    _, handle = build(args, DRLoRAConfig(budget=8, rank_pool=True))
+    too_big = torch.full(handle.rank_map_shape(), 9, dtype=torch.int64)
+    with pytest.raises(ValueError, match="rank slots"):
+        handle.set_rank_map(too_big)
