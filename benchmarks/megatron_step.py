@@ -262,9 +262,10 @@ def _trained_like_b(handle, seed: int, std: float) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in handle.layers:
-            for name in layer.bank.projection_names:
-                b = layer.bank.factor(name, "B")
-                b.copy_((torch.randn(b.shape, generator=g) * std).to(b.dtype))
+            for name in layer.bank.projection_names:  # a pooled bank keeps the active ranks
+                b = layer.bank.dense_factor(name, "B")
+                layer.bank.write_dense_factor(
+                    name, "B", (torch.randn(b.shape, generator=g) * std).to(b.dtype))
 
 
 def activate(v: Variant) -> None:

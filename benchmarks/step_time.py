@@ -81,7 +81,8 @@ def settings(args) -> Dict:
             raise SystemExit(f"error: --tokens-per-step {args.tokens_per_step} is not a multiple "
                              f"of micro-batch x sequence = {per_micro}")
         s["micro_batches"] = args.tokens_per_step // per_micro
-    s.update(train_iters=args.train_iters, lr_warmup_iters=args.lr_warmup_iters, seed=args.seed)
+    s.update(train_iters=args.train_iters, lr_warmup_iters=args.lr_warmup_iters, seed=args.seed,
+             rank_pool=bool(args.rank_pool))
     s["tokens_per_step"] = s["micro_batch"] * s["seq_length"] * s["micro_batches"]
     return s
 
@@ -93,7 +94,9 @@ def build(mega, s):
     rmax = ms.build_variant(mega, "uniform_r_max", DRLoRAConfig(budget=s["r_max"],
                                                                 method="uniform"), base=ref)
     dr = ms.build_variant(mega, "drlora", DRLoRAConfig(budget=s["r_target"], r_init=s["r_init"],
-                                                       r_max=s["r_max"]), base=ref)
+                                                       r_max=s["r_max"],
+                                                       rank_pool=s.get("rank_pool", False)),
+                          base=ref)
     return [ref, rmax, dr]
 
 
@@ -313,7 +316,8 @@ def format_report(r: Dict) -> str:
              f"({s['num_layers']} layer(s), hidden {s['hidden_size']}, {s['num_experts']} "
              f"experts top-{s['moe_router_topk']}, expert ffn {s['moe_ffn_hidden_size']}, ranks "
              f"{s['r_init']}/{s['r_target']}/{s['r_max']}), {r['device']}, {r['dtype']}, "
-             f"{r['experts']}, megatron-core {r['megatron_version']}, {r['tokens_per_step']} "
+             f"{r['experts']}, megatron-core {r['megatron_version']}, "
+             f"{'--drlora-rank-pool, ' if s.get('rank_pool') else ''}{r['tokens_per_step']} "
              f"tokens/step ({s['micro_batches']} micro-batch(es)), median of {r['reps']} "
              f"interleaved repetitions x {r['steps_per_rep']} step(s)", "",
              "| variant | mean rank (min-max) | ms/step | fwd+bwd / finalize / saliency / "
@@ -399,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "there)")
     p.add_argument("--megatron-args", default="", metavar="'FLAGS'",
                    help="more Megatron-LM flags, e.g. '--use-distributed-optimizer'")
+    p.add_argument("--rank-pool", action="store_true",
+                   help="DR-LoRA with --drlora-rank-pool (rank slots sized by the budget)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verbose", action="store_true")

@@ -106,9 +106,13 @@ def adapter_sharded_state_dict(handle, layers=None) -> Dict:
     edp_rank = comm.expert_data_parallel_rank()
     for layer in handle.layers if layers is None else layers:
         bank = layer.bank
-        if getattr(bank, "pooled", False):
-            raise CheckpointError("--drlora-rank-pool: checkpoints of pooled adapters are not "
-                                  "supported yet; run without --drlora-rank-pool to save")
+        if getattr(bank, "pooled", False):  # the same dense keys, through factories
+            from megatron_drlora.pool_checkpoint import pooled_sharded_state_dict
+
+            out.update(pooled_sharded_state_dict(bank, edp_rank))
+            if layer.shared is not None:
+                out.update(_shared_sharded_state_dict(layer.shared))
+            continue
         num_local = len(bank.global_expert_ids)
         ep_size = bank.num_global_experts // num_local
         ep_rank = bank.global_expert_ids[0] // num_local
@@ -155,14 +159,16 @@ def model_sharded_state_dict(chunks) -> Dict:
 
 @torch.no_grad()
 def _assign(request: Dict, loaded: Dict) -> None:
-    """Copy loaded tensors into the live parameters the sharded tensors wrapped."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    """Copy loaded tensors into the live parameters the sharded tensors (and factories: a
+    pooled bank's, merged back into pool tensors) wrapped."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    missing = [k for k, v in request.items() if isinstance(v, ShardedTensor) and k not in loaded]
+    kinds = (ShardedTensor, ShardedTensorFactory)
+    missing = [k for k, v in request.items() if isinstance(v, kinds) and k not in loaded]
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     for key, item in request.items():
-        if isinstance(item, ShardedTensor):
+        if isinstance(item, kinds):
             value = loaded[key]
             if value.data_ptr() != item.data.data_ptr():  # some strategies load in place
                 item.data.copy_(value)

@@ -250,3 +250,56 @@ def test_pool_refuses_a_rank_map_over_its_capacity():
     too_big = torch.full(handle.rank_map_shape(), 9, dtype=torch.int64)
     with pytest.raises(ValueError, match="rank slots"):
         handle.set_rank_map(too_big)
+
+
+def test_checkpoint_round_trip_in_the_dense_format(tmp_path):
+    """A pooled run saves the dense bank's keys: it loads back into a pooled model (same
+    factors, same logits) and into a dense one (same active factors and logits; inactive
+    A-rows hold their init, so the dense run can still grow)."""
+    from megatron_drlora.checkpoint import load_adapters
+    from tests.tiny import save_adapter_checkpoint
+
+    args = tiny_args()
+    (_, _), (model, pool) = _pair(args)
+    rank_map = torch.tensor(RANKS)
+    save_adapter_checkpoint(str(tmp_path), 3, [model], pool, rank_map)
+    tokens, pos, _ = batch(args, seed=4)
+    with torch.no_grad():
+        want = model(tokens, pos, None)
+    for rank_pool in (True, False):
+        chunks, handle = build(args, DRLoRAConfig(budget=8, rank_pool=rank_pool))
+        load_adapters(str(tmp_path), chunks, handle)
+        assert torch.equal(handle.local_rank_map(), rank_map)
+        with torch.no_grad():
+            torch.testing.assert_close(chunks[0](tokens, pos, None), want, rtol=0, atol=1e-6)
+        for saved, loaded in zip(pool.layers, handle.layers):
+            for j, name in enumerate(saved.bank.projection_names):
+                for which in ("A", "B"):
+                    a, b = saved.bank.dense_factor(name, which), loaded.bank.dense_factor(name,
+                                                                                         which)
+                    for e in range(4):
+                        r = int(rank_map[saved.moe_index, e, j])
+                        if which == "A":
+                            assert torch.equal(a[e, :r], b[e, :r])
+                            if not rank_pool:  # the dense bank's inactive rows: the init
+                                assert torch.equal(b[e, r:],
+                                                   saved.bank.init_rows(e, name)[r:].float())
+                        else:
+                            assert torch.equal(a[e, :, :r], b[e, :, :r])
+                            assert torch.count_nonzero(b[e, :, r:]) == 0
+
+
+def test_a_saved_slot_table_that_does_not_fit_is_packed_canonically():
+    """Two EP ranks' tables loaded by one process collide (both used slot 0): the ranks they
+    imply are packed expert-major; a table that fits is kept as saved (the distributed
+    optimizer's dp_reshardable states are in its slot order)."""
+    from megatron_drlora.pool_checkpoint import PoolCheckpointError, resolve_table
+
+    bank = types.SimpleNamespace(capacity=8, r_max=3, layer=0)
+    half = torch.tensor([[[1, 0, -1]], [[2, -1, -1]]])  # one EP rank: 2 experts x 1 projection
+    assert torch.equal(resolve_table(bank, half), half)
+    both = torch.cat([half, half])
+    assert torch.equal(resolve_table(bank, both),
+                       torch.tensor([[[0, 1, -1]], [[2, -1, -1]], [[3, 4, -1]], [[5, -1, -1]]]))
+    with pytest.raises(PoolCheckpointError, match="rank slots"):
+        resolve_table(types.SimpleNamespace(capacity=4, r_max=3, layer=0), both)

@@ -163,6 +163,21 @@ class PooledLoRABank(torch.nn.Module):
         self.ranks.copy_(ranks.to(self.ranks.device))
         self.slot_table.copy_(self._table.clamp(min=0).to(self.slot_table.device))
 
+    def load_layout(self, table: torch.Tensor) -> None:
+        """Adopt a slot table (a checkpoint's, pool_checkpoint.resolve_table) as it is: the
+        parameters and optimizer states are loaded to match it, nothing is written here."""
+        table = table.to(torch.int64).cpu().clone()
+        if tuple(table.shape) != tuple(self._table.shape):
+            raise ValueError(f"layer {self.layer}: slot table {tuple(table.shape)} != "
+                             f"{tuple(self._table.shape)}")
+        used = set(table[table >= 0].tolist())
+        ranks = (table >= 0).sum(dim=-1)
+        self._table = table
+        self._free = [s for s in range(self.capacity) if s not in used]
+        self._ranks_list = ranks.tolist()
+        self.ranks.copy_(ranks.to(self.ranks.device))
+        self.slot_table.copy_(table.clamp(min=0).to(self.slot_table.device))
+
     def _assign(self, grown) -> None:
         """Take free slots for ranks [lo, hi) of (expert, projection) and write the init."""
         writes = {id(self.slots_hidden): [], id(self.slots_ffn): []}

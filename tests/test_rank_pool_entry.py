@@ -1,0 +1,72 @@
+"""--drlora-rank-pool inside Megatron-LM's loop (examples/pretrain_gpt.py, real processes).
+
+The reference is the same run with the dense bank: a pooled run must take the same growth
+decisions and end with the same trained tensors (the checkpoints are in the same format,
+read by tests/workers/read_checkpoint.py). Each pooled run is stopped and resumed, so the
+pooled checkpoint (model and optimizer state through dist_checkpointing factories) is loaded
+by Megatron-LM too (the distributed optimizer's run excepted). bf16 checks that a grown rank's init reaches the fp32 main parameters (the
+optimizer would overwrite it with zeros otherwise); the distributed optimizer that its main
+shards get it and that its grad masks still count each element once.
+"""
+
+import pytest
+import torch
+
+from tests.megatron_runs import assert_same_run, drlora_run, events, read_checkpoint
+from tests.train_flags import EVENTS
+
+pytestmark = pytest.mark.slow
+
+POOL = ["--drlora-rank-pool"]
+
+
+@pytest.fixture(scope="module")
+def reference(work, base):
+    return drlora_run(work, base, "reference", 1, [])
+
+
+def test_pooled_run_matches_the_dense_run(reference, work, base):
+    run = drlora_run(work, base, "rank_pool", 1, POOL, stop_at=3)
+    assert [e["iteration"] for e in events(run)] == EVENTS
+    assert_same_run(reference, run, work)
+
+
+def test_pooled_run_with_the_distributed_optimizer_matches(reference, work, base):
+    # not resumed: a dense run with the distributed optimizer cannot resume on CPU either
+    # (DistributedOptimizer.state_dict's single-step assertion fails at the load)
+    run = drlora_run(work, base, "rank_pool_dp2_distopt", 2,
+                     POOL + ["--use-distributed-optimizer"])
+    assert_same_run(reference, run, work)
+
+
+def test_pooled_bf16_run_writes_grown_ranks_into_the_fp32_main_params(work, base):
+    dense = drlora_run(work, base, "bf16", 1, ["--bf16"])
+    run = drlora_run(work, base, "bf16_rank_pool", 1, ["--bf16"] + POOL, stop_at=3)
+    got, want = events(run), events(dense)
+    assert [e["iteration"] for e in got] == EVENTS
+    assert [e["rank_map"] for e in got] == [e["rank_map"] for e in want]
+    a = read_checkpoint(dense / "iter_0000008", work)["tensors"]
+    b = read_checkpoint(run / "iter_0000008", work)["tensors"]
+    final = torch.tensor(want[-1]["rank_map"])
+    compared = 0
+    for key, ref in a.items():
+        if not (key.startswith("drlora.layers.") or (key.startswith("optimizer.")
+                                                      and "fp32_param.drlora" in key)):
+            continue
+        layer, proj_which = key.split("drlora.layers.")[1].split(".")
+        proj, which = proj_which.split("_")
+        j = ("up", "down").index(proj)
+        got, ref = b[key].float(), ref.float()
+        if key.startswith("optimizer."):  # the pool keeps no main copy of inactive ranks
+            got, ref = got.clone(), ref.clone()
+            for e in range(4):
+                r = int(final[int(layer), e, j])
+                for t in (got, ref):
+                    if which == "A":
+                        t[e, r:] = 0
+                    else:
+                        t[e, :, r:] = 0
+        scale = ref.abs().max()
+        assert torch.allclose(got, ref, rtol=0, atol=2e-2 * scale), key
+        compared += 1
+    assert compared == 16  # 2 layers x 2 projections x A/B, bf16 params and fp32 main params
