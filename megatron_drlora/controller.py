@@ -82,14 +82,19 @@ class DRLoRAController:
     """Statistics, saliency EMAs, the growth schedule and the rank map of one training run."""
 
     def __init__(self, handle, train_iters: int, warmup_iters: Optional[int] = 0,
-                 ddp_models=None):
+                 ddp_models=None, rank_map: Optional[torch.Tensor] = None):
+        """`rank_map`: the map the adapters are at (a loaded checkpoint's) instead of the
+        initial one. With --drlora-rank-pool that matters: a pooled bank set back to r_init
+        frees the slots above it and a later grow starts them from their init, while a dense
+        bank keeps every rank's values whatever its active rank."""
         self.handle = handle
         self.config = handle.config
         L, E, M = handle.rank_map_shape()
         self.schedule = GrowthSchedule.build(self.config, train_iters, warmup_iters,
                                              [E * M] * L)
         self.saliency = SaliencyState(L, E, M, self.config.rank_max)
-        self.rank_map = handle.initial_rank_map()
+        self.rank_map = (handle.initial_rank_map() if rank_map is None
+                         else torch.as_tensor(rank_map, dtype=torch.int64).clone())
         handle.set_rank_map(self.rank_map)
         self.routing = RoutingStatistics(handle)
         self.events: List[Dict] = []

@@ -92,6 +92,30 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     _compare(reference[2], load(out))
 
 
+# --drlora-rank-pool against the dense bank with the same (budget-fitting) rank map and values
+POOL_LAYOUTS = {
+    "one_process": (1, []),
+    "dp2_distributed_optimizer": (2, ["--dist-opt"]),
+    "ep2_alltoall": (2, ["--ep", "2", "--dispatcher", "alltoall"]),
+    "etp2_tp1": (2, ["--etp", "2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def fit_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "fit.pt"
+    run_torchrun("parity_worker.py", 1, [path, "--fit-budget"])
+    return load(path)
+
+
+@pytest.mark.parametrize("layout", sorted(POOL_LAYOUTS))
+def test_rank_pool_layout_matches_the_dense_bank(layout, fit_reference, tmp_path):
+    nproc, flags = POOL_LAYOUTS[layout]
+    out = tmp_path / "out.pt"
+    run_torchrun("parity_worker.py", nproc, [out, "--rank-pool"] + flags)
+    _compare(fit_reference, load(out))
+
+
 def test_virtual_pipeline_matches_single_process(reference, tmp_path):
     out = tmp_path / "out.pt"
     run_torchrun("parity_worker.py", 2, [out, "--layers", 4, "--pp", 2, "--vpp", 2])

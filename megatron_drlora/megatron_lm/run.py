@@ -117,10 +117,15 @@ class DRLoRARun:
         from megatron_drlora.schedule import budget_shortfall_message
 
         args = get_args()
+        loaded = self._loaded_state
         self.controller = DRLoRAController(self.handle, args.train_iters,
                                            self.config.warmup_iters
                                            if self.config.warmup_iters is not None
-                                           else warmup_iterations(args))
+                                           else warmup_iterations(args),
+                                           # a load's ranks stay (a pooled bank would free
+                                           # the loaded slots above r_init otherwise)
+                                           rank_map=None if loaded is None
+                                           else loaded["rank_map"])
         sched = self.controller.schedule
         _print0(f"> DR-LoRA schedule: {sched.num_event_steps} growth events (first "
                 f"{sched.event_steps()[0] if sched.grows else '-'}, every "

@@ -20,6 +20,11 @@ import torch.distributed as dist
 faulthandler.dump_traceback_later(200, exit=True)
 
 
+# Ranks within the layer budget (4 experts x 2 x 8 = 64; at EP2 within each rank's pool of
+# 64 - 2 x 2 x 4 = 48), at least r_init, heterogeneous: what --rank-pool can hold.
+FIT_MAP = [[[4, 16], [4, 5], [12, 9], [4, 6]], [[4, 4], [16, 12], [5, 4], [7, 4]]]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -36,7 +41,12 @@ def main():
     p.add_argument("--dist-opt", action="store_true")
     p.add_argument("--overlap", action="store_true", help="overlap_grad_reduce")
     p.add_argument("--micro", type=int, default=2, help="micro-batch size")
+    p.add_argument("--rank-pool", action="store_true", help="--drlora-rank-pool (implies "
+                   "--fit-budget: the pool holds only the budget's ranks)")
+    p.add_argument("--fit-budget", action="store_true",
+                   help="FIT_MAP (within the layer budget) instead of grown_rank_map")
     args = p.parse_args()
+    args.fit_budget = args.fit_budget or args.rank_pool
 
     from megatron_drlora.parallel_setup import ParallelSizes, initialize_megatron_parallel
 
@@ -59,10 +69,15 @@ def main():
                       expert_model_parallel_size=args.ep, expert_tensor_parallel_size=args.etp,
                       moe_token_dispatcher_type=args.dispatcher)
     cfg = DRLoRAConfig(budget=8, grow_interval=1, grow_buffer=0, warmup_iters=0,
-                       saliency=args.saliency, allocation=args.allocation)
+                       saliency=args.saliency, allocation=args.allocation,
+                       rank_pool=args.rank_pool)
     chunks, handle = build(margs, cfg)
-    randomize_adapters(handle)
-    handle.set_rank_map(grown_rank_map(handle))
+    if args.fit_budget:  # ranks first: a pool holds values of active ranks only
+        handle.set_rank_map(torch.tensor(FIT_MAP))
+        randomize_adapters(handle)
+    else:
+        randomize_adapters(handle)
+        handle.set_rank_map(grown_rank_map(handle))
     config = chunks[0].config
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                             overlap_grad_reduce=args.overlap,
@@ -77,9 +92,9 @@ def main():
         controller.collect(0)
 
     config.finalize_model_grads_func = finalize_then_collect
-    controller = DRLoRAController(handle, train_iters=10, warmup_iters=0, ddp_models=model)
-    controller.rank_map = grown_rank_map(handle)
-    handle.set_rank_map(controller.rank_map)
+    start_map = torch.tensor(FIT_MAP) if args.fit_budget else grown_rank_map(handle)
+    controller = DRLoRAController(handle, train_iters=10, warmup_iters=0, ddp_models=model,
+                                  rank_map=start_map)
 
     # The same global batch everywhere; each DP rank takes its contiguous slice.
     global_batch, micro = 8, args.micro
@@ -182,10 +197,15 @@ def main():
         if layer is not None and (edp_rank == 0 or args.dist_opt):
             bank = layer.bank
             spec = bank.specs[name]
-            param = bank.factor(name, which)
+            if bank.pooled:  # slot gradients mapped to the dense layout
+                param = bank.side(name, which)
+            else:
+                param = bank.factor(name, which)
             g = param.main_grad.view_as(param).double()
             if args.dist_opt:  # only this rank's shard of the reduced gradient is valid
                 g = g * controller._grad_masks[param]
+            if bank.pooled:
+                g = bank.dense_from(name, which, {"slots_hidden": g, "slots_ffn": g})
             ids = torch.tensor(bank.global_expert_ids)
             if which == "A" and spec.a_sharded:
                 w = spec.in_local
@@ -330,7 +350,7 @@ def reference_adapter_grads(handle, cfg, expert_calls, rank_map):
         leaves = {}
         for name in handle.projections:
             for which in ("A", "B"):
-                value = layer.bank.factor(name, which).detach().double().clone()
+                value = layer.bank.dense_factor(name, which).double()
                 leaves[(name, which)] = value.requires_grad_(True)
         total = 0.0
         for call in expert_calls[l]:
