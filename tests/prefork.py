@@ -111,9 +111,11 @@ def _preload():
 
         # only what this environment has (megatron-core without megatron.training, no
         # matplotlib): a rank imports whatever was not preloaded itself
+        # (megatron.core.tokenizers.text: Megatron-LM builds every tokenizer through it, and
+        # it imports transformers, 2 s)
         for name in ("megatron.training.training", "megatron_drlora.megatron_lm.model_provider",
-                     "megatron_drlora.megatron_lm.setup", "megatron_drlora.plotting",
-                     "matplotlib"):
+                     "megatron_drlora.megatron_lm.setup", "megatron.core.tokenizers.text",
+                     "megatron_drlora.plotting", "matplotlib"):
             try:
                 importlib.import_module(name)
             except ImportError:
@@ -121,6 +123,32 @@ def _preload():
         if "matplotlib" in sys.modules:  # the rank heatmaps are drawn headless
             sys.modules["matplotlib"].use("Agg")
             import matplotlib.pyplot  # noqa: F401
+        _memoize_argument_docs()
+
+
+def _memoize_argument_docs():
+    """Megatron-LM builds its argument parser (twice a launch) from the docstrings of its
+    config dataclasses' fields, read from their source (inspect + ast: about 0.8 s a launch).
+    They are a function of the class alone: the server reads them once, before forking."""
+    try:
+        import argparse
+
+        from megatron.training import argument_utils, arguments
+    except ImportError:
+        return
+    factory = getattr(argument_utils, "ArgumentGroupFactory", None)
+    read = getattr(factory, "_get_field_docstrings", None)
+    if read is None:
+        return
+    known = {}
+
+    def field_docstrings(self, src_cfg_class):
+        if src_cfg_class not in known:
+            known[src_cfg_class] = read(self, src_cfg_class)
+        return dict(known[src_cfg_class])
+
+    factory._get_field_docstrings = field_docstrings
+    arguments.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
 
 
 def _run_rank(request, rank):
