@@ -445,12 +445,13 @@ def test_recipe_trains_with_growth_and_exports(megatron_single, tmp_path):
     from tests.hf_tiny import make_tokenizer
     from tests.megatron_runs import events, torchrun
     from tests.recipes import training_argv
+    from tests.train_flags import DATA
 
     hf_dir = _recipe_shaped_model("moonlight", str(tmp_path / "hf"))
     make_tokenizer(hf_dir)
     base, ckpt = str(tmp_path / "base"), str(tmp_path / "ckpt")
     convert(hf_dir, base, log=lambda s: None)
-    argv = training_argv(_recipe("moonlight"), base, ckpt, hf_dir, SEQ, nproc=1)
+    argv = training_argv(_recipe("moonlight"), base, ckpt, hf_dir, SEQ, nproc=1, data=DATA)
     for flag, value in dict(_tiny_replace(base), **{"--train-iters": "6",
                                                     "--save-interval": "6"}).items():
         argv[argv.index(flag) + 1] = value

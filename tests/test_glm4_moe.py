@@ -438,6 +438,7 @@ def test_recipe_trains_with_growth_and_exports(tmp_path):
     from tests.dist_harness import REPO
     from tests.hf_tiny import make_tokenizer
     from tests.recipes import training_argv
+    from tests.train_flags import DATA
     from tests.test_hf_export import _cli
     from tests.megatron_runs import events, torchrun
 
@@ -445,7 +446,7 @@ def test_recipe_trains_with_growth_and_exports(tmp_path):
     make_tokenizer(hf_dir)
     base, ckpt = str(tmp_path / "base"), str(tmp_path / "ckpt")
     convert(hf_dir, base, log=lambda s: None)
-    argv = training_argv(_recipe(), base, ckpt, hf_dir, SEQ, nproc=1)
+    argv = training_argv(_recipe(), base, ckpt, hf_dir, SEQ, nproc=1, data=DATA)
     for flag, value in dict(_tiny_replace(base), **{"--train-iters": "6",
                                                     "--save-interval": "6"}).items():
         argv[argv.index(flag) + 1] = value

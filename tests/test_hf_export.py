@@ -211,6 +211,7 @@ def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path
     from megatron_drlora.hf import verify
 
     from tests.hf_tiny import make_tokenizer
+    from tests.train_flags import DATA
 
     hf_dir = make_hf_model("olmoe", str(tmp_path / "hf"), seed=3,
                            name_or_path="allenai/OLMoE-1B-7B-0924")
@@ -223,7 +224,8 @@ def test_end_to_end_ep2_training_exports_at_any_layout(megatron_single, tmp_path
         "--pretrained-checkpoint", base, "--expert-model-parallel-size", "2",
         "--moe-token-dispatcher-type", "alltoall",
         "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "8",
-        "--train-iters", "8", "--mock-data", "--lr", "2e-2", "--lr-warmup-iters", "2",
+        "--train-iters", "8", "--data-path", DATA, "--split", "100,0,0", "--lr", "2e-2",
+        "--lr-warmup-iters", "2",
         "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0",
         "--ckpt-format", "torch_dist",
         "--log-interval", "4", "--save", run, "--save-interval", "8",

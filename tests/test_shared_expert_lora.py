@@ -190,11 +190,13 @@ def qwen2_base(tmp_path_factory):
 def _argv(hf_dir, base, ckpt, iters, extra=()):
     from tests.dist_harness import REPO
     from tests.hf_tiny import SEQ
+    from tests.train_flags import DATA
 
     return ["@" + str(REPO / "examples" / "cpu.args"), f"@{base}/model.args",
             "--pretrained-checkpoint", base, "--save", ckpt, "--load", ckpt,
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir,
-            "--mock-data", "--seq-length", str(SEQ), "--micro-batch-size", "2",
+            "--data-path", DATA, "--split", "100,0,0", "--seq-length", str(SEQ),
+            "--micro-batch-size", "2",
             "--global-batch-size", "4", "--train-iters", str(iters), "--save-interval",
             str(iters), "--eval-iters", "0", "--log-interval", "1", "--lr", "1e-2",
             "--lr-warmup-iters", "1", "--weight-decay", "0", "--ckpt-format", "torch_dist",
