@@ -237,11 +237,17 @@ def test_pool_memory_is_uniform_lora_at_r_target():
 
 
 def test_pool_capacity_bounds():
+    """The bounds docs/design.md states: EP=1 the layer budget (1.0x uniform r_target), EP=2
+    1.5x that rank's share, EP=4 2.0x (r_max: no saving), a fixed map its sum."""
     cfg = DRLoRAConfig(budget=8, r_init=4, r_max=16)
-    assert pool_capacity(cfg, 64, 64, 2, 16) == 64 * 2 * 8  # EP=1: the layer budget
-    # EP=8: 8 local experts may take the layer's spare ranks, capped at r_max each
-    assert pool_capacity(cfg, 64, 8, 2, 16) == min(8 * 2 * 16, 64 * 2 * 8 - 56 * 2 * 4)
+    # (local experts, slots, uniform r_target share) of 64 experts x 2 projections
+    for local, slots, share in ((64, 1024, 1024), (32, 768, 512), (16, 512, 256)):
+        assert pool_capacity(cfg, 64, local, 2, 16) == slots
+        assert local * 2 * 8 == share
     assert pool_capacity(cfg, 64, 8, 2, 16, fixed_local_sum=100) == 100
+    # global scope over 16 layers at EP=1: one layer may reach r_max everywhere
+    assert pool_capacity(DRLoRAConfig(budget=8, r_init=4, r_max=16, allocation="global"),
+                         64, 64, 2, 16) == 64 * 2 * 16
 
 
 def test_pool_refuses_a_rank_map_over_its_capacity():
