@@ -147,9 +147,8 @@ def make_chat_data(hf_dir: str, directory, n: int = 48, seed: int = 0) -> str:
     import json
     import os
     import random
-    import subprocess
-    import sys
 
+    from tests import prefork
     from tests.dist_harness import REPO
 
     rng = random.Random(seed)
@@ -164,8 +163,10 @@ def make_chat_data(hf_dir: str, directory, n: int = 48, seed: int = 0) -> str:
                              {"role": "assistant", "content": say(rng.randint(2, 6))}]
             fh.write(json.dumps({"messages": messages}) + "\n")
     prefix = os.path.join(directory, "chat")
-    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", chat,
-                    "--output-prefix", prefix, "--append-eod",
-                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir],
-                   check=True, capture_output=True, cwd=str(REPO), timeout=300)
+    # the command as a user types it, forked from the pre-imported server (tests/prefork.py)
+    proc = prefork.launch(REPO / "tools" / "preprocess_data.py",
+                          ["--input", chat, "--output-prefix", prefix, "--append-eod",
+                           "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                           hf_dir], 1, 300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return f"{prefix}_text_document"

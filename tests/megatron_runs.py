@@ -65,9 +65,9 @@ _READ = {}  # (checkpoint directory, its metadata's mtime) -> what read_checkpoi
 
 def read_checkpoint(iter_dir, tmp):
     """Every tensor and the DR-LoRA state of a checkpoint, read by a separate process that
-    knows nothing of the model code (tests/workers/read_checkpoint.py). Each checkpoint is
-    read once per test process (a read costs a process start-up): callers must not modify
-    the result."""
+    uses none of the model code (tests/workers/read_checkpoint.py, forked by tests/prefork.py
+    like a rank). Each checkpoint is read once per test process: callers must not modify the
+    result."""
     meta = os.path.join(str(iter_dir), "metadata.json")
     key = (os.path.realpath(str(iter_dir)), os.stat(meta).st_mtime_ns if os.path.exists(meta)
            else None)
@@ -78,9 +78,8 @@ def read_checkpoint(iter_dir, tmp):
 
 def _read_checkpoint(iter_dir, tmp):
     out = tmp / f"read_{os.path.basename(str(iter_dir))}_{free_port()}.pt"
-    subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "read_checkpoint.py"),
-                    str(iter_dir), str(out), str(free_port())], check=True, cwd=str(REPO),
-                   env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, timeout=120)
+    torchrun(1, [iter_dir, out, free_port()], timeout=120,
+             entry=str(REPO / "tests" / "workers" / "read_checkpoint.py"))
     return torch.load(out, weights_only=False)
 
 

@@ -139,9 +139,8 @@ def refusals(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("refusals")
     cases = [TINY + ["--train-iters", "4"] + extra for extra, _ in REFUSALS]
     json.dump(cases, open(tmp / "cases.json", "w"))
-    subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "parse_cases.py"),
-                    str(tmp / "cases.json"), str(tmp / "out.json")], check=True,
-                   cwd=str(REPO), timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    torchrun(1, [tmp / "cases.json", tmp / "out.json"], timeout=180,
+             entry=str(REPO / "tests" / "workers" / "parse_cases.py"))
     return json.load(open(tmp / "out.json"))
 
 
