@@ -132,3 +132,31 @@ def test_pooled_bf16_run_writes_grown_ranks_into_the_distributed_main_shards(wor
     dense = drlora_run(work, base, "bf16_dp2_distopt", 2, flags)
     run = drlora_run(work, base, "bf16_dp2_distopt_rank_pool", 2, flags + POOL)
     _assert_bf16_runs_match(dense, run, work, expect_main=False)
+
+
+def test_step_time_benchmark_measures_pooled_memory_at_uniform_r_target(tmp_path):
+    """benchmarks/step_time.py --rank-pool: adapter parameters, gradients and optimizer state
+    read from Megatron's DDP buffers and optimizer are at most 1.10x (here exactly 1.00x)
+    uniform LoRA at r_target (2.00x without the pool), and a non-event step has no host sync."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_harness import REPO
+
+    path = tmp_path / "step_time.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "benchmarks/step_time.py", "--size", "tiny",
+                           "--reps", "1", "--warmup", "1", "--points", "2", "--rank-pool",
+                           "--json", str(path)], capture_output=True, text=True, timeout=300,
+                          cwd=str(REPO), env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.load(open(path))
+    assert result["settings"]["rank_pool"] is True
+    assert result["adapter_memory_ratio_vs_uniform_r_target"] <= 1.10
+    assert result["adapter_memory_ratio_vs_uniform_r_target"] == pytest.approx(1.0)
+    assert result["uniform_r_max_memory_ratio_vs_uniform_r_target"] == pytest.approx(2.0)
+    assert result["host_syncs_per_step"] == 0, result["host_syncs"]["calls"]
