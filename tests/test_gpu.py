@@ -63,7 +63,8 @@ def test_bf16_sequential_experts_train_on_gpu(megatron_gpu):
     assert any(torch.count_nonzero(g) for g in grads)
 
 
-def test_drlora_hot_path_makes_no_cuda_sync(megatron_gpu):
+@pytest.mark.parametrize("rank_pool", [False, True], ids=["dense", "rank_pool"])
+def test_drlora_hot_path_makes_no_cuda_sync(megatron_gpu, rank_pool):
     """DR-LoRA's per-step work under torch.cuda.set_sync_debug_mode("error"): the routing
     hook, the grouped LoRA forward/backward (an expert without tokens included), collect()
     and finish() at a non-event step. Megatron's own dispatcher syncs stay outside: the full
@@ -74,7 +75,7 @@ def test_drlora_hot_path_makes_no_cuda_sync(megatron_gpu):
 
     args = tiny_args()
     chunks, handle = build(args, DRLoRAConfig(budget=8, grow_interval=3, grow_buffer=0,
-                                              warmup_iters=2))
+                                              warmup_iters=2, rank_pool=rank_pool))
     model = chunks[0].cuda()
     randomize_adapters(handle)
     controller = DRLoRAController(handle, train_iters=12, warmup_iters=None)
@@ -98,8 +99,8 @@ def test_drlora_hot_path_makes_no_cuda_sync(megatron_gpu):
     torch.cuda.set_sync_debug_mode("error")
     try:
         controller.routing._hook(0)(router, (x,), (probs, probs > 0.5))
-        delta = grouped_lora_delta(x, [3, 0, 5, 2], bank.factor("up", "A"),
-                                   bank.factor("up", "B"), bank.ranks_of("up"), bank.scale,
+        a, b = bank.lora_factors("up", bank.r_max)  # a pooled bank gathers on the device
+        delta = grouped_lora_delta(x, [3, 0, 5, 2], a, b, bank.ranks_of("up"), bank.scale,
                                    0.1, True)
         delta.sum().backward()
         controller.collect(1)
@@ -109,3 +110,30 @@ def test_drlora_hot_path_makes_no_cuda_sync(megatron_gpu):
     assert not report.event and report.dropped == ""
     assert controller.saliency.frequency.device.type == "cuda"
     assert all(t.device.type == "cpu" for t in controller.saliency.state_dict().values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_pool_equals_the_dense_bank_on_gpu(megatron_gpu, dtype):
+    """The pooled bank's gathers on the device give the dense bank's loss and gradients
+    (TE grouped experts when Transformer Engine is there, SequentialMLP otherwise)."""
+    from tests.test_rank_pool import RANKS, _dense_grads
+    from tests.tiny import batch, build, randomize_adapters, tiny_args
+
+    args = tiny_args(bf16=dtype == torch.bfloat16, moe_grouped_gemm=have_transformer_engine())
+    results = []
+    for pool in (False, True):
+        chunks, handle = build(args, DRLoRAConfig(budget=8, rank_pool=pool))
+        handle.set_rank_map(torch.tensor(RANKS))
+        randomize_adapters(handle)
+        model = chunks[0].cuda()
+        tokens, pos, labels = (t.cuda() for t in batch(args, batch_size=4))
+        loss = model(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        results.append((loss.detach(), [_dense_grads(l.bank) for l in handle.layers]))
+    (loss_d, grads_d), (loss_p, grads_p) = results
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(float(loss_p) - float(loss_d)) <= tol * abs(float(loss_d))
+    for gd, gp in zip(grads_d, grads_p):
+        for key in gd:
+            scale = gd[key].float().abs().max()
+            assert (gp[key].float() - gd[key].float()).abs().max() <= 10 * tol * scale, key

@@ -309,3 +309,20 @@ def test_a_saved_slot_table_that_does_not_fit_is_packed_canonically():
                        torch.tensor([[[0, 1, -1]], [[2, -1, -1]], [[3, 4, -1]], [[5, -1, -1]]]))
     with pytest.raises(PoolCheckpointError, match="rank slots"):
         resolve_table(types.SimpleNamespace(capacity=4, r_max=3, layer=0), both)
+
+
+def test_a_fixed_rank_map_gets_exactly_its_slots():
+    """--drlora-rank-map (no growth): each layer's pool holds that layer's sum, and the run
+    computes the dense bank's model with that map."""
+    args = tiny_args()
+    rank_map = [[[2, 12], [0, 6], [9, 9], [8, 2]], [[1, 1], [16, 16], [2, 0], [7, 11]]]
+    models = []
+    for pool in (False, True):
+        chunks, handle = build(args, DRLoRAConfig(budget=8, rank_map=rank_map, rank_pool=pool))
+        controller = DRLoRAController(handle, train_iters=10, warmup_iters=0)
+        assert torch.equal(controller.rank_map, torch.tensor(rank_map))
+        randomize_adapters(handle)
+        models.append((chunks[0], handle))
+    assert [l.bank.capacity for l in models[1][1].layers] == [48, 54]
+    losses = [_loss(model, args).detach() for model, _ in models]
+    _assert_close_scaled(losses[1], losses[0], 1e-6)
