@@ -16,8 +16,8 @@ On load the saved table is used as it is when it fits this pool (same layout: th
 optimizer's default `dp_reshardable` format keeps its states in the saved slot order, so the
 model must too); otherwise (another EP size, another capacity) the ranks it implies are packed
 canonically (expert-major, projection, rank), the same way by every factory, so parameters and
-optimizer states stay aligned. Loading a dense bank's checkpoint (no table) into a pooled run
-fails with dist_checkpointing's missing-key error; the other direction works. The distributed
+optimizer states stay aligned. A dense bank's checkpoint (no table) cannot be loaded into a
+pooled run (Megatron-LM's entry refuses it at start-up); the other direction works. The distributed
 optimizer's `fully_sharded_model_space` format (flattened factories) is refused by name.
 """
 

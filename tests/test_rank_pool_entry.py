@@ -160,3 +160,13 @@ def test_step_time_benchmark_measures_pooled_memory_at_uniform_r_target(tmp_path
     assert result["adapter_memory_ratio_vs_uniform_r_target"] == pytest.approx(1.0)
     assert result["uniform_r_max_memory_ratio_vs_uniform_r_target"] == pytest.approx(2.0)
     assert result["host_syncs_per_step"] == 0, result["host_syncs"]["calls"]
+
+
+def test_a_dense_checkpoint_is_refused_by_a_pooled_run(reference, work, base):
+    copy = work / "dense_to_pool"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(reference, copy)
+    proc = torchrun(1, TINY + DRLORA + POOL + ["--pretrained-checkpoint", str(base), "--load",
+                                               str(copy)], expect_ok=False)
+    assert proc.returncode != 0
+    assert "written without --drlora-rank-pool" in proc.stdout + proc.stderr

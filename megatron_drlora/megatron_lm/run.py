@@ -43,6 +43,27 @@ def _print0(message: str) -> None:
         print(message, flush=True)
 
 
+def _refuse_dense_checkpoint_for_pool(args) -> None:
+    """A checkpoint written without --drlora-rank-pool has no slot tables; dist_checkpointing
+    would fail on the missing key deep inside the load: say so before it starts."""
+    from megatron_drlora.checkpoint import CheckpointError, resolve
+
+    if not getattr(args, "load", None):
+        return
+    try:
+        path = resolve(args.load, "--load", getattr(args, "ckpt_step", None))
+    except CheckpointError:
+        return  # nothing to resume: Megatron-LM starts from scratch
+    from megatron.core import dist_checkpointing
+
+    keys = dist_checkpointing.load_tensors_metadata(path)
+    adapters = [k for k in keys if k.startswith("drlora.layers.")]
+    if adapters and not any("pool_table" in k for k in adapters):
+        raise RuntimeError(f"--load {path} was written without --drlora-rank-pool (no slot "
+                           f"tables); resume it without --drlora-rank-pool (a pooled "
+                           f"checkpoint loads either way)")
+
+
 def warmup_iterations(args) -> int:
     """LR warm-up in iterations, as Megatron-LM's OptimizerParamScheduler counts it."""
     from megatron_drlora.schedule import warmup_iterations as from_iterations
@@ -97,6 +118,8 @@ class DRLoRARun:
         # when --load holds nothing; here the base is ours to load, the checkpoint is adapters.
         args.pretrained_checkpoint = None
         self.handle = apply_drlora(self.chunks, self.config, log=_print0)
+        if self.config.rank_pool:
+            _refuse_dense_checkpoint_for_pool(args)
         for i, chunk in enumerate(self.chunks):
             checkpoint_view.install(chunk, self, holds_state=i == 0)
             chunk.config.finalize_model_grads_func = self.finalize_model_grads
