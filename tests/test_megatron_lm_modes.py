@@ -6,7 +6,8 @@ distributed optimizer and overlapped gradient reduction; tensor x expert-tensor 
 the distributed optimizer, the all-gather dispatcher and full activation recompute. bf16 runs
 with fp32 main parameters. A rank killed with SIGKILL while a 2-process checkpoint is being
 written leaves the previous checkpoint the one to resume from, and the resumed run ends bit for
-bit where an uninterrupted run ends, also with dropout on. A resume in another (TP, PP) layout says that Megatron
+bit where an uninterrupted run ends, also with dropout on and with the distributed optimizer.
+A resume in another (TP, PP) layout says that Megatron
 reset the RNG state.
 """
 
@@ -104,6 +105,25 @@ def test_resume_with_dropout_is_bitwise_identical(work, base):
         assert torch.equal(a["tensors"][key], b["tensors"][key]), key
     grad_norms = lambda r: [(s["iteration"], s["grad_norm"]) for s in steps(r)]
     assert grad_norms(part) == grad_norms(full) and len(grad_norms(full)) == 8
+
+
+@pytest.mark.parametrize("bank", ["dense", "pool"])
+def test_distributed_optimizer_resume_is_bitwise_identical(bank, work, base):
+    """DP2 with the distributed optimizer, stopped at 3 and resumed, ends bit for bit where an
+    uninterrupted run ends (dense bank and rank pool): Adam's moments and per-parameter step
+    come back from the checkpoint's sharded optimizer state. On CPU (no Apex/Transformer
+    Engine) this needs compat.cpu's distributed-optimizer patches: without them every such
+    resume failed while loading, and then resumed with Adam's step reset to 0."""
+    distopt = ["--use-distributed-optimizer"] + (["--drlora-rank-pool"] if bank == "pool" else [])
+    full = drlora_run(work, base, f"distopt_{bank}", 2, distopt)
+    part = drlora_run(work, base, f"distopt_{bank}_resumed", 2, distopt, stop_at=3)
+    a, b = read_checkpoint(full / "iter_0000008", work), read_checkpoint(part / "iter_0000008", work)
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for key in a["tensors"]:
+        assert torch.equal(a["tensors"][key], b["tensors"][key]), key
+    grad_norms = lambda r: [(s["iteration"], s["grad_norm"]) for s in steps(r)]
+    assert grad_norms(part) == grad_norms(full) and len(grad_norms(full)) == 8
+    assert [e["rank_map"] for e in events(part)] == [e["rank_map"] for e in events(full)]
 
 
 # DeepSeek-V3-style MoE in Megatron-Core's terms (multi-latent attention aside): a dense first

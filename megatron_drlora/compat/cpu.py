@@ -279,6 +279,7 @@ def _patch_megatron_optimizer() -> None:
     proxy = _torch_with_cuda_factories_on_cpu()
     for module in (optimizer, clip_grads, grad_scaler, distrib_optimizer, mcore_utils):
         module.torch = proxy
+    _patch_fresh_distributed_optimizer_state(distrib_optimizer.DistributedOptimizer)
     if getattr(torch.Tensor.type, "_drlora_cpu", False):
         return
     original_type = torch.Tensor.type
@@ -290,6 +291,55 @@ def _patch_megatron_optimizer() -> None:
 
     type_._drlora_cpu = True
     torch.Tensor.type = type_
+
+
+def _patch_fresh_distributed_optimizer_state(cls) -> None:
+    """Let a distributed-optimizer checkpoint resume exactly without Apex/Transformer Engine
+    (CPU), where Megatron uses plain torch optimizers whose states carry a per-parameter `step`.
+
+    - distrib_optimizer.py `state_dict` (0.19.2 line 838) asserts that all parameter states
+      share one `step`; a resumed run asks for the state dict of its fresh optimizer (no state,
+      no step) to build the load request, so every resume failed there. A fresh optimizer first
+      gets torch Adam's own initial state (step 0, zero moments: what `init_state_fn` allocates
+      next and what Adam's first step would create); the checkpoint then overwrites it.
+    - `_set_main_param_and_optimizer_states` (line 1225) copies the loaded shard into the fp32
+      main param, a view of an fp32 model param that requires grad: autograd refuses the
+      in-place copy outside no_grad.
+    - `load_state_dict` (line 1027) hands every parameter the same `step` tensor, which the
+      parameter-state load (line 1225, `copy_` of every tensor state) then overwrites with the
+      shard's placeholder; torch's Adam also increments a shared tensor once per parameter. After
+      the load each parameter gets its own `step` with the checkpoint's value (the param groups'
+      `step`, saved by `state_dict`), as an uninterrupted run has it."""
+    if getattr(cls.state_dict, "_drlora_cpu", False):
+        return
+    original = cls.state_dict
+
+    def state_dict(self):
+        inner = self.optimizer
+        if len(inner.state) == 0 and getattr(self, "init_state_fn", None) is not None:
+            self.init_state_fn(inner, self.config)
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param].setdefault("step", torch.tensor(0.0))
+        return original(self)
+
+    original_load = cls.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        steps = {group.get("step") for group in state_dict["optimizer"]["param_groups"]}
+        if len(steps) == 1 and None not in steps:
+            step = float(steps.pop())
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step)
+
+    state_dict._drlora_cpu = True
+    cls.state_dict = state_dict
+    cls.load_state_dict = load_state_dict
+    if hasattr(cls, "_set_main_param_and_optimizer_states"):  # megatron-core >= 0.17
+        cls._set_main_param_and_optimizer_states = torch.no_grad()(
+            cls._set_main_param_and_optimizer_states)
 
 
 def _patch_uneven_allgather() -> None:
