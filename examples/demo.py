@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -76,10 +77,16 @@ def main(argv=None) -> int:
     tok = os.path.join(data, "tokenizer")
     run([py, "tools/train_tokenizer.py", "--input", os.path.join(corpus, "mixed.jsonl"),
          "--vocab-size", "512", "--model-prefix", tok])
-    for name, source in (("mixed", "mixed.jsonl"), ("target", f"{args.target_domain}.jsonl")):
-        run([py, "tools/preprocess_data.py", "--input", os.path.join(corpus, source),
-             "--tokenizer-model", tok + ".model", "--output-prefix",
-             os.path.join(data, name), "--append-eod"])
+    # the two datasets at once (each is mostly the tool's start-up)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = [pool.submit(run, [py, "tools/preprocess_data.py", "--input",
+                                  os.path.join(corpus, source), "--tokenizer-model",
+                                  tok + ".model", "--output-prefix", os.path.join(data, name),
+                                  "--append-eod"])
+                for name, source in (("mixed", "mixed.jsonl"),
+                                     ("target", f"{args.target_domain}.jsonl"))]
+        for future in done:
+            future.result()
 
     model = ["@" + os.path.join(REPO, "examples", "cpu.args"),
              "--num-layers", "4", "--hidden-size", "128", "--ffn-hidden-size", "256",
