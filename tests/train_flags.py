@@ -18,8 +18,8 @@ def tiny_dataset(directory=None) -> str:
     has 64 documents made like MockGPTLowLevelDataset's (token i+1 mod the vocabulary, then
     eod; lengths drawn from a seeded generator, here below 256): 8,000-odd tokens, over 500
     samples of 16 tokens (60 iterations of 8 sequences) in one epoch, for Megatron's
-    NullTokenizer with --vocab-size 63 (ids < 63, eod 62). Written once per test process into a temporary
-    folder removed at exit (or into `directory`)."""
+    NullTokenizer with --vocab-size 63 (ids < 63, eod 62). Written once per test process into
+    a temporary folder removed at exit (or into `directory`)."""
     import numpy
 
     from megatron_drlora.compat.megatron import prepare_import
