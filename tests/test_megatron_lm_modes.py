@@ -91,6 +91,17 @@ def test_kill_during_a_multi_process_save_resumes_from_the_previous_checkpoint(w
         assert torch.equal(a["tensors"][key], b["tensors"][key]), key
 
 
+def _assert_resumed_bitwise(full, part, work):
+    """The resumed run's final checkpoint and every step's grad norm equal the uninterrupted
+    run's exactly."""
+    a, b = read_checkpoint(full / "iter_0000008", work), read_checkpoint(part / "iter_0000008", work)
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for key in a["tensors"]:
+        assert torch.equal(a["tensors"][key], b["tensors"][key]), key
+    grad_norms = lambda r: [(s["iteration"], s["grad_norm"]) for s in steps(r)]
+    assert grad_norms(part) == grad_norms(full) and len(grad_norms(full)) == 8
+
+
 def test_resume_with_dropout_is_bitwise_identical(work, base):
     """Dropout on (Megatron-LM's default 0.1, which converted bases' model.args keep): stopped
     at 3 and resumed, the run ends bit for bit where an uninterrupted one ends. On CPU this
@@ -99,12 +110,7 @@ def test_resume_with_dropout_is_bitwise_identical(work, base):
     dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     full = drlora_run(work, base, "dropout", 1, dropout)
     part = drlora_run(work, base, "dropout_resumed", 1, dropout, stop_at=3)
-    a, b = read_checkpoint(full / "iter_0000008", work), read_checkpoint(part / "iter_0000008", work)
-    assert a["tensors"].keys() == b["tensors"].keys()
-    for key in a["tensors"]:
-        assert torch.equal(a["tensors"][key], b["tensors"][key]), key
-    grad_norms = lambda r: [(s["iteration"], s["grad_norm"]) for s in steps(r)]
-    assert grad_norms(part) == grad_norms(full) and len(grad_norms(full)) == 8
+    _assert_resumed_bitwise(full, part, work)
 
 
 @pytest.mark.parametrize("bank", ["dense", "pool"])
@@ -117,12 +123,7 @@ def test_distributed_optimizer_resume_is_bitwise_identical(bank, work, base):
     distopt = ["--use-distributed-optimizer"] + (["--drlora-rank-pool"] if bank == "pool" else [])
     full = drlora_run(work, base, f"distopt_{bank}", 2, distopt)
     part = drlora_run(work, base, f"distopt_{bank}_resumed", 2, distopt, stop_at=3)
-    a, b = read_checkpoint(full / "iter_0000008", work), read_checkpoint(part / "iter_0000008", work)
-    assert a["tensors"].keys() == b["tensors"].keys()
-    for key in a["tensors"]:
-        assert torch.equal(a["tensors"][key], b["tensors"][key]), key
-    grad_norms = lambda r: [(s["iteration"], s["grad_norm"]) for s in steps(r)]
-    assert grad_norms(part) == grad_norms(full) and len(grad_norms(full)) == 8
+    _assert_resumed_bitwise(full, part, work)
     assert [e["rank_map"] for e in events(part)] == [e["rank_map"] for e in events(full)]
 
 
