@@ -68,7 +68,36 @@ def kaiming_uniform_a(r_max: int, fan_in: int, seed: int) -> torch.Tensor:
     return (torch.rand(r_max, fan_in, generator=gen, dtype=torch.float64) * 2 - 1) * bound
 
 
-class ExpertLoRABank(torch.nn.Module):
+class LocalExpertAdapters(torch.nn.Module):
+    """What every bank of one MoE layer has (the dense ExpertLoRABank and adapters/pool.py's
+    PooledLoRABank): which global experts of which layer, their projections, the LoRA scale,
+    dropout and init seed, and the host copy of the active ranks (`_ranks_list`, set by the
+    bank: reading it never syncs with the device)."""
+
+    def __init__(self, layer: int, global_expert_ids: Sequence[int], num_global_experts: int,
+                 projections: Sequence[ProjectionSpec], r_max: int, scale: float,
+                 dropout: float, seed: int):
+        super().__init__()
+        self.layer = int(layer)
+        self.global_expert_ids = [int(e) for e in global_expert_ids]
+        self.num_global_experts = int(num_global_experts)
+        self.specs: Dict[str, ProjectionSpec] = {p.name: p for p in projections}
+        self.projection_names: List[str] = [p.name for p in projections]
+        self.r_max = int(r_max)
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        self.seed = int(seed)
+        self._ranks_list: List[List[int]] = []
+
+    def rank(self, local_expert: int, projection: str) -> int:
+        return self._ranks_list[local_expert][self.projection_names.index(projection)]
+
+    def ranks_of(self, projection: str) -> List[int]:
+        j = self.projection_names.index(projection)
+        return [row[j] for row in self._ranks_list]
+
+
+class ExpertLoRABank(LocalExpertAdapters):
     """LoRA factors and active ranks of the local experts of one MoE layer."""
 
     pooled = False  # adapters/pool.py: PooledLoRABank (--drlora-rank-pool) is True
@@ -87,16 +116,8 @@ class ExpertLoRABank(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
     ):
-        super().__init__()
-        self.layer = int(layer)
-        self.global_expert_ids = [int(e) for e in global_expert_ids]
-        self.num_global_experts = int(num_global_experts)
-        self.specs: Dict[str, ProjectionSpec] = {p.name: p for p in projections}
-        self.projection_names: List[str] = [p.name for p in projections]
-        self.r_max = int(r_max)
-        self.scale = float(scale)
-        self.dropout = float(dropout)
-        self.seed = int(seed)
+        super().__init__(layer, global_expert_ids, num_global_experts, projections, r_max,
+                         scale, dropout, seed)
         num_local = len(self.global_expert_ids)
         for spec in projections:
             a = torch.empty(num_local, self.r_max, spec.in_local, dtype=dtype, device=device)
@@ -163,13 +184,6 @@ class ExpertLoRABank(torch.nn.Module):
             b.zero_()
 
     # --- ranks ----------------------------------------------------------------------------
-    def rank(self, local_expert: int, projection: str) -> int:
-        return self._ranks_list[local_expert][self.projection_names.index(projection)]
-
-    def ranks_of(self, projection: str) -> List[int]:
-        j = self.projection_names.index(projection)
-        return [row[j] for row in self._ranks_list]
-
     @torch.no_grad()
     def set_ranks(self, ranks: torch.Tensor) -> None:
         """Set the active ranks [local experts, projections]; growth only changes integers."""

@@ -29,7 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_drlora.adapters.bank import ProjectionSpec, init_seed, kaiming_uniform_a
+from megatron_drlora.adapters.bank import (LocalExpertAdapters, ProjectionSpec, init_seed,
+                                           kaiming_uniform_a)
 
 
 def pool_capacity(config, num_experts: int, num_local: int, num_projections: int,
@@ -53,7 +54,7 @@ def pool_capacity(config, num_experts: int, num_local: int, num_projections: int
     return max(1, min(local_modules * config.rank_max, bound))
 
 
-class PooledLoRABank(torch.nn.Module):
+class PooledLoRABank(LocalExpertAdapters):
     """LoRA rank slots and the slot table of the local experts of one MoE layer."""
 
     pooled = True
@@ -62,16 +63,8 @@ class PooledLoRABank(torch.nn.Module):
                  projections: Sequence[ProjectionSpec], r_max: int, r_init: int, scale: float,
                  capacity: int, dropout: float = 0.0, seed: int = 1234,
                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
-        super().__init__()
-        self.layer = int(layer)
-        self.global_expert_ids = [int(e) for e in global_expert_ids]
-        self.num_global_experts = int(num_global_experts)
-        self.specs: Dict[str, ProjectionSpec] = {p.name: p for p in projections}
-        self.projection_names: List[str] = [p.name for p in projections]
-        self.r_max = int(r_max)
-        self.scale = float(scale)
-        self.dropout = float(dropout)
-        self.seed = int(seed)
+        super().__init__(layer, global_expert_ids, num_global_experts, projections, r_max,
+                         scale, dropout, seed)
         self.capacity = int(capacity)
         spec = projections[0]
         hidden = spec.in_features if spec.linear == "fc1" else spec.out_features
@@ -115,13 +108,6 @@ class PooledLoRABank(torch.nn.Module):
         return self.slots_hidden if (which == "A") == fc1 else self.slots_ffn
 
     # --- ranks (ExpertLoRABank's interface) ------------------------------------------------
-    def rank(self, local_expert: int, projection: str) -> int:
-        return self._ranks_list[local_expert][self.projection_names.index(projection)]
-
-    def ranks_of(self, projection: str) -> List[int]:
-        j = self.projection_names.index(projection)
-        return [row[j] for row in self._ranks_list]
-
     def slots_in_use(self) -> int:
         return self.capacity - len(self._free)
 
