@@ -10,7 +10,7 @@ from megatron_drlora import DRLoRAConfig
 from megatron_drlora.adapters.bank import ExpertLoRABank
 from megatron_drlora.adapters import experts as attach
 from megatron_drlora.inject import DRLoRAInjectionError, apply_drlora, projection_specs
-from tests.tiny import batch, build, grown_rank_map, randomize_adapters, tiny_args
+from tests.tiny import CPUGroupedLinear, batch, build, grown_rank_map, randomize_adapters, tiny_args
 
 pytestmark = pytest.mark.usefixtures("megatron_single")
 
@@ -91,19 +91,6 @@ def test_non_gated_mlp_reference_and_gate_refused():
         build(args, DRLoRAConfig(budget=8, targets=("gate", "up")))
 
 
-class _CPUGroupedLinear(torch.nn.Module):
-    """Stands in for TE's GroupedLinear: forward(x, m_splits) with per-expert weights."""
-
-    def __init__(self, num_experts, in_f, out_f, seed):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.weight = torch.nn.Parameter(torch.randn(num_experts, out_f, in_f, generator=g) * 0.1)
-
-    def forward(self, x, m_splits):
-        outs = [chunk @ self.weight[e].T for e, chunk in enumerate(torch.split(x, m_splits))]
-        return torch.cat(outs), None
-
-
 def _grouped_bank(targets=("up", "down"), num=3, hidden=8, ffn=6, r_max=6):
     cfg = DRLoRAConfig(budget=3, r_max=r_max, p_grow=0.5, targets=targets)
     model_cfg = types.SimpleNamespace(hidden_size=hidden, moe_ffn_hidden_size=ffn,
@@ -142,8 +129,8 @@ def test_grouped_linear_hooks_match_dense_reference(ffn, r_max):
     widths of 6 fp32 are not 16-byte aligned (the per-expert loop), 8 run torch's grouped_mm."""
     bank = _grouped_bank(ffn=ffn, r_max=r_max)
     experts = torch.nn.Module()
-    experts.linear_fc1 = _CPUGroupedLinear(3, 8, 2 * ffn, seed=1)
-    experts.linear_fc2 = _CPUGroupedLinear(3, ffn, 8, seed=2)
+    experts.linear_fc1 = CPUGroupedLinear(3, 8, 2 * ffn, seed=1)
+    experts.linear_fc2 = CPUGroupedLinear(3, ffn, 8, seed=2)
     handles = attach.attach_to_grouped_linears(experts, bank, None)
     assert len(handles) == 2
     counts = [4, 0, 5]

@@ -19,7 +19,7 @@ from megatron_drlora.adapters.pool import PooledLoRABank, pool_capacity
 from megatron_drlora.controller import DRLoRAController
 from megatron_drlora.inject import projection_specs
 from megatron_drlora.statistics import local_sensitivity
-from tests.tiny import batch, build, randomize_adapters, tiny_args
+from tests.tiny import CPUGroupedLinear, batch, build, randomize_adapters, tiny_args
 
 pytestmark = pytest.mark.usefixtures("megatron_single")
 
@@ -84,19 +84,6 @@ def test_pool_forward_backward_equal_dense_bank(targets, gated):
             _assert_close_scaled(gp[key], gd[key])
 
 
-class _CPUGroupedLinear(torch.nn.Module):
-    """TE's grouped linear called as (x, m_splits), on CPU."""
-
-    def __init__(self, num_experts, in_f, out_f, seed):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.weight = torch.nn.Parameter(torch.randn(num_experts, out_f, in_f, generator=g) * 0.1)
-
-    def forward(self, x, m_splits):
-        outs = [chunk @ self.weight[e].T for e, chunk in enumerate(torch.split(x, m_splits))]
-        return torch.cat(outs), None
-
-
 def _grouped_banks(ffn, r_max, num=3, hidden=8):
     cfg = DRLoRAConfig(budget=r_max // 2, r_max=r_max, p_grow=0.5, rank_pool=True)
     model_cfg = types.SimpleNamespace(hidden_size=hidden, moe_ffn_hidden_size=ffn,
@@ -129,8 +116,8 @@ def test_grouped_hooks_pool_equal_dense_bank(ffn, r_max):
     results = []
     for bank in (dense, pool):
         experts = torch.nn.Module()
-        experts.linear_fc1 = _CPUGroupedLinear(3, 8, 2 * ffn, seed=1)
-        experts.linear_fc2 = _CPUGroupedLinear(3, ffn, 8, seed=2)
+        experts.linear_fc1 = CPUGroupedLinear(3, 8, 2 * ffn, seed=1)
+        experts.linear_fc2 = CPUGroupedLinear(3, ffn, 8, seed=2)
         attach.attach_to_grouped_linears(experts, bank, None)
         h, _ = experts.linear_fc1(x, counts)
         half = h.shape[-1] // 2

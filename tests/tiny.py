@@ -121,3 +121,16 @@ def save_run_like_checkpoint(base: str, adapters: str, seq: int, vocab: int, tok
                                                           generator=g))
     save_adapter_checkpoint(adapters, 7, chunks, handle, rank_map)
     return margs, handle, base_logits, rank_map
+
+
+class CPUGroupedLinear(torch.nn.Module):
+    """Stands in for TE's GroupedLinear: forward(x, m_splits) with per-expert weights."""
+
+    def __init__(self, num_experts, in_f, out_f, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(num_experts, out_f, in_f, generator=g) * 0.1)
+
+    def forward(self, x, m_splits):
+        outs = [chunk @ self.weight[e].T for e, chunk in enumerate(torch.split(x, m_splits))]
+        return torch.cat(outs), None

@@ -96,6 +96,16 @@ class LocalExpertAdapters(torch.nn.Module):
         j = self.projection_names.index(projection)
         return [row[j] for row in self._ranks_list]
 
+    def _checked_rank_map(self, ranks) -> torch.Tensor:
+        """A rank map [local experts, projections] as a host int64 tensor, or ValueError."""
+        ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
+        if tuple(ranks.shape) != tuple(self.ranks.shape):
+            raise ValueError(f"layer {self.layer}: rank map shape {tuple(ranks.shape)} != "
+                             f"{tuple(self.ranks.shape)} (local experts, projections)")
+        if int(ranks.min()) < 0 or int(ranks.max()) > self.r_max:
+            raise ValueError(f"layer {self.layer}: ranks must lie in [0, r_max={self.r_max}]")
+        return ranks
+
 
 class ExpertLoRABank(LocalExpertAdapters):
     """LoRA factors and active ranks of the local experts of one MoE layer."""
@@ -187,12 +197,7 @@ class ExpertLoRABank(LocalExpertAdapters):
     @torch.no_grad()
     def set_ranks(self, ranks: torch.Tensor) -> None:
         """Set the active ranks [local experts, projections]; growth only changes integers."""
-        ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
-        if tuple(ranks.shape) != tuple(self.ranks.shape):
-            raise ValueError(f"layer {self.layer}: rank map shape {tuple(ranks.shape)} != "
-                             f"{tuple(self.ranks.shape)} (local experts, projections)")
-        if int(ranks.min()) < 0 or int(ranks.max()) > self.r_max:
-            raise ValueError(f"layer {self.layer}: ranks must lie in [0, r_max={self.r_max}]")
+        ranks = self._checked_rank_map(ranks)
         self.ranks.copy_(ranks.to(self.ranks.device))
         self._ranks_list = ranks.tolist()
 

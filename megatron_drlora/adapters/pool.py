@@ -116,12 +116,7 @@ class PooledLoRABank(LocalExpertAdapters):
         """Set the active ranks [local experts, projections]: a grown rank takes the lowest
         free slot and gets its init; a shrunk one (only a load does that) frees its slots,
         zeroed. Raises before changing anything when the pool is too small."""
-        ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
-        if tuple(ranks.shape) != tuple(self.ranks.shape):
-            raise ValueError(f"layer {self.layer}: rank map shape {tuple(ranks.shape)} != "
-                             f"{tuple(self.ranks.shape)} (local experts, projections)")
-        if int(ranks.min()) < 0 or int(ranks.max()) > self.r_max:
-            raise ValueError(f"layer {self.layer}: ranks must lie in [0, r_max={self.r_max}]")
+        ranks = self._checked_rank_map(ranks)
         if int(ranks.sum()) > self.capacity:
             raise ValueError(
                 f"layer {self.layer}: the rank map needs {int(ranks.sum())} rank slots on this "
