@@ -79,7 +79,7 @@ class Evaluator:
         lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
         return model(tokens, pos, None, labels=lab)
 
-    def score(self, model, batch: int = 64) -> Dict[str, Dict]:
+    def score(self, model, batch: int = 512) -> Dict[str, Dict]:
         """Per mix domain: held-out loss (response tokens + eod, mean per token and per prompt)
         and greedy exact-match accuracy, with the per-prompt outcomes ('1'/'0', in file order)
         for paired comparisons."""
@@ -134,7 +134,7 @@ class Evaluator:
         return {"loss": loss_sum / max(1, loss_count), "accuracy": correct / len(records),
                 "prompts": len(records), "outcomes": "".join(outcome), "samples": samples}
 
-    def routing(self, model, batch: int = 64) -> Dict[str, List[List[float]]]:
+    def routing(self, model, batch: int = 512) -> Dict[str, List[List[float]]]:
         """Routed (token, expert) assignments per [MoE layer, expert] over the full texts
         (prompt + response) of the target-mix probe, in total and per domain, and the tokens."""
         import torch

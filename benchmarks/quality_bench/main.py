@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the mix's rare domain (one the base solves only partly)")
     p.add_argument("--rare-share", type=float, default=0.2,
                    help="share of the fine-tuning records from the rare domain")
-    p.add_argument("--finetune-iters", type=int, default=200)
+    p.add_argument("--finetune-iters", type=int, default=100)
     p.add_argument("--base-iters", type=int, default=400,
                    help="base training iterations on all domains (short: the base knows the "
                         "rare domain only partly)")

@@ -56,7 +56,7 @@ def run_tool(cmd: List[str], log_path: str, echo: bool = True) -> None:
 def _loop_flags(iters: int, save_dir: str) -> List[str]:
     # No evaluation inside the loop, one after training; one checkpoint, at the end.
     return ["--train-iters", str(iters), "--log-interval", str(max(1, min(50, iters // 4))),
-            "--eval-interval", str(iters + 1), "--eval-iters", "4",
+            "--eval-interval", str(iters + 1), "--eval-iters", "2",
             "--save", save_dir, "--save-interval", str(iters)]
 
 
