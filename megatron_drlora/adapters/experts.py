@@ -86,8 +86,11 @@ class _ExpertFactorViews:
     def make(self, module, args) -> None:
         self.views = {}
         for name in self.bank.projection_names:
-            # a pooled bank gathers only up to the widest active rank (the loop slices)
-            a, b = self.bank.lora_factors(name, max(self.bank.ranks_of(name), default=0))
+            if getattr(self.bank, "pooled", False):  # each expert's active slots only
+                a, b = self.bank.expert_factors(name)
+                self.views[(name, "A")], self.views[(name, "B")] = a, b
+                continue
+            a, b = self.bank.lora_factors(name)
             self.views[(name, "A")], self.views[(name, "B")] = a.unbind(0), b.unbind(0)
 
     def drop(self, module, args, output) -> None:

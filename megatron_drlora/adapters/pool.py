@@ -95,6 +95,11 @@ class PooledLoRABank(LocalExpertAdapters):
                              persistent=False)
         self.register_buffer("ranks", torch.zeros(num_local, len(projections), dtype=torch.int64,
                                                   device=device), persistent=False)
+        # Per projection, the slots of every local expert's active ranks, expert after expert
+        # (rank order): the per-expert loop gathers exactly these rows (`expert_factors`).
+        self.register_buffer("active_slots", torch.zeros(len(projections), self.capacity,
+                                                         dtype=torch.int64, device=device),
+                             persistent=False)
         self._ranks_list: List[List[int]] = self.ranks.cpu().tolist()
         self._free: List[int] = list(range(self.capacity))
         # (param, rows LongTensor, values) -> None: also writes the optimizer's main copy.
@@ -142,7 +147,7 @@ class PooledLoRABank(LocalExpertAdapters):
             self._assign(grown)
         self._ranks_list = new
         self.ranks.copy_(ranks.to(self.ranks.device))
-        self.slot_table.copy_(self._table.clamp(min=0).to(self.slot_table.device))
+        self._publish_table()
 
     def load_layout(self, table: torch.Tensor) -> None:
         """Adopt a slot table (a checkpoint's, pool_checkpoint.resolve_table) as it is: the
@@ -157,7 +162,17 @@ class PooledLoRABank(LocalExpertAdapters):
         self._free = [s for s in range(self.capacity) if s not in used]
         self._ranks_list = ranks.tolist()
         self.ranks.copy_(ranks.to(self.ranks.device))
-        self.slot_table.copy_(table.clamp(min=0).to(self.slot_table.device))
+        self._publish_table()
+
+    def _publish_table(self) -> None:
+        """The device copies of the host table (at a rank change only, never per forward)."""
+        self.slot_table.copy_(self._table.clamp(min=0).to(self.slot_table.device))
+        active = torch.zeros(self.active_slots.shape, dtype=torch.int64)
+        for j in range(len(self.projection_names)):
+            used = self._table[:, j, :]
+            used = used[used >= 0]  # row-major: expert after expert, rank order
+            active[j, :used.numel()] = used
+        self.active_slots.copy_(active.to(self.active_slots.device))
 
     def _assign(self, grown) -> None:
         """Take free slots for ranks [lo, hi) of (expert, projection) and write the init."""
@@ -207,6 +222,19 @@ class PooledLoRABank(LocalExpertAdapters):
         a = a_side.index_select(0, index).view(num_local, width, a_side.shape[1])
         b_rows = b_side.index_select(0, index).view(num_local, width, b_side.shape[1])
         return a, b_rows.transpose(1, 2).contiguous()
+
+    def expert_factors(self, projection: str):
+        """Per local expert, (A [r_e, k], B [d, r_e]) of its active ranks only, for the
+        per-expert loop: one gather of exactly the active slots per side (sized like uniform
+        LoRA's factors, not padded to the widest rank) split by the host ranks; B is a
+        transposed view of the gathered rows (no copy)."""
+        j = self.projection_names.index(projection)
+        sizes = self.ranks_of(projection)
+        index = self.active_slots[j].narrow(0, 0, sum(sizes))
+        a_side, b_side = self.side(projection, "A"), self.side(projection, "B")
+        a_rows = a_side.index_select(0, index).split(sizes)
+        b_rows = b_side.index_select(0, index).split(sizes)
+        return list(a_rows), [rows.t() for rows in b_rows]
 
     # --- dense views (checkpoints, export, tests, benchmarks) --------------------------------
     def dense_from(self, projection: str, which: str, pool: Dict[str, torch.Tensor],
