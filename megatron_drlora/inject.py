@@ -201,8 +201,19 @@ class DRLoRAModel:
                 f"{'/'.join(kinds)}) x {len(self.projections)} projections "
                 f"({','.join(self.projections)}) = {s['modules_here']} modules; trainable "
                 f"LoRA params (all experts of these layers): r_init {s['params_at_r_init']:,}, "
-                f"r_target {s['params_at_r_target']:,}, allocated r_max "
-                f"{s['params_allocated_r_max']:,}{self.pool_text()}")
+                f"r_target {s['params_at_r_target']:,}, {self._allocated_text(s)}"
+                f"{self.pool_text()}")
+
+    def _allocated_text(self, s: Dict[str, int]) -> str:
+        """What is allocated: every module at r_max (dense bank), or the pool's slots."""
+        pooled = [layer.bank for layer in self.layers if getattr(layer.bank, "pooled", False)]
+        if not pooled:
+            return f"allocated r_max {s['params_allocated_r_max']:,}"
+        spec = next(iter(pooled[0].specs.values()))
+        per_slot = spec.in_features + spec.out_features  # one rank: hidden + expert ffn
+        slots = sum(bank.capacity for bank in pooled)
+        return (f"allocated {slots * per_slot:,} in rank-pool slots on this rank (the dense "
+                f"bank would allocate r_max {s['params_allocated_r_max']:,})")
 
     def remove(self) -> None:
         """Detach all hooks (the banks stay registered, so state can still be read)."""
