@@ -13,7 +13,7 @@ layers at once.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -69,7 +69,8 @@ def _greedy_fill(capacity: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
 
 def allocate_growth(saliency: torch.Tensor, ranks: torch.Tensor, quota: Sequence[int], cap: int,
                     r_max: int, layer_targets: Sequence[int],
-                    scope: str = "layer") -> torch.Tensor:
+                    scope: str = "layer",
+                    group_capacity: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """New active ranks [L, E, M] after one growth event.
 
     saliency [L, E] (float): S of Eq. 9; higher grows first, ties go to the lower expert index
@@ -81,6 +82,10 @@ def allocate_growth(saliency: torch.Tensor, ranks: torch.Tensor, quota: Sequence
     scope 'layer': each layer spends min(Q_l, target_l - active_l) on its own experts.
     scope 'global': one pool min(sum Q, sum targets - total active) over all experts of all
     layers, so a single layer may end above its own target.
+    group_capacity (experts per group, C), opt-in (`--drlora-rank-pool-capacity`): the experts
+    of a layer form groups of consecutive indices (the EP ranks' local experts) and the active
+    ranks of one group in one layer never exceed C; the visit is the same, a module of a full
+    group gets nothing and the budget goes on to the next. Without it: the paper's rule.
     """
     _validate(saliency, ranks, cap, r_max, scope)
     L, E, M = ranks.shape
@@ -88,6 +93,9 @@ def allocate_growth(saliency: torch.Tensor, ranks: torch.Tensor, quota: Sequence
     target_t = _int_list("layer_targets", layer_targets, L).to(ranks.device)
     if ranks.numel() == 0:
         return ranks.clone()
+    if group_capacity is not None:
+        return _allocate_with_group_capacity(saliency, ranks, quota_t, target_t, cap, r_max,
+                                             scope, group_capacity)
 
     active = ranks.sum(dim=(1, 2))
     capacity = (r_max - ranks).clamp(max=cap)  # >= 0: ranks <= r_max was checked
@@ -108,3 +116,43 @@ def allocate_growth(saliency: torch.Tensor, ranks: torch.Tensor, quota: Sequence
         grant = torch.empty(L * E, M, dtype=ranks.dtype, device=ranks.device)
         grant = grant.scatter_(0, idx, grant_sorted.reshape(L * E, M)).reshape(L, E, M)
     return ranks + grant
+
+
+def _allocate_with_group_capacity(saliency, ranks, quota_t, target_t, cap, r_max, scope,
+                                  group_capacity) -> torch.Tensor:
+    """The greedy visit of `allocate_growth` with a per-(layer, group) limit on active ranks.
+
+    Sequential (a module's grant depends on what its group already took), over the same
+    stable descending-saliency order; growth events are rare, so L x E x M host steps are
+    cheap. Integer arithmetic only: every rank gets the same answer."""
+    L, E, M = ranks.shape
+    per_group, limit = (int(v) for v in group_capacity)
+    if per_group < 1 or E % per_group:
+        raise ValueError(f"allocate_growth: group_capacity's experts per group ({per_group}) "
+                         f"must divide the {E} experts of a layer")
+    if limit < 0:
+        raise ValueError(f"allocate_growth: group_capacity's limit must be >= 0, got {limit}")
+    r = ranks.cpu().tolist()
+    left = [[limit - sum(sum(r[l][e]) for e in range(g * per_group, (g + 1) * per_group))
+             for g in range(E // per_group)] for l in range(L)]
+    neg = (-saliency.detach().to(torch.float64)).cpu()
+    active = ranks.sum(dim=(1, 2)).tolist()
+    quota, target = quota_t.tolist(), target_t.tolist()
+
+    def spend(order, remaining):
+        for l, e in order:
+            for m in range(M):
+                n = min(cap, r_max - r[l][e][m], remaining, max(0, left[l][e // per_group]))
+                r[l][e][m] += n
+                left[l][e // per_group] -= n
+                remaining -= n
+
+    if scope == "layer":
+        for l in range(L):
+            order = torch.argsort(neg[l], stable=True).tolist()
+            spend([(l, e) for e in order], max(0, min(quota[l], target[l] - active[l])))
+    else:
+        order = torch.argsort(neg.reshape(L * E), stable=True).tolist()
+        spend([(i // E, i % E) for i in order],
+              max(0, min(sum(quota), sum(target) - sum(active))))
+    return torch.tensor(r, dtype=ranks.dtype, device=ranks.device)

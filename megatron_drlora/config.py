@@ -89,6 +89,12 @@ class DRLoRAConfig:
                            "sized by the budget instead of every expert at r_max: adapter "
                            "memory ~uniform LoRA at r_target at EP=1 with layer allocation "
                            "(opt-in; see docs/design.md).")
+    rank_pool_capacity: Optional[float] = _opt(
+        None, "With --drlora-rank-pool: each expert-parallel rank's pool holds at most this "
+        "many times its experts' share of uniform LoRA at r_target (>= 1, e.g. 1.1) and growth "
+        "never gives one rank's experts of a layer more ranks than that: bounds adapter memory "
+        "at EP > 1, where an unbounded pool may need up to r_max per module; the allocation "
+        "then departs from the paper's where one rank's experts would take more (opt-in).")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -187,6 +193,15 @@ class DRLoRAConfig:
             self._validate_rank_map(bad)
         if not isinstance(self.rank_pool, bool):
             bad("rank_pool", f"must be true or false, got {self.rank_pool!r}")
+        if self.rank_pool_capacity is not None:
+            if not _is_number(self.rank_pool_capacity) or not self.rank_pool_capacity >= 1.0:
+                bad("rank_pool_capacity", f"must be a number >= 1 (the pool must hold at least "
+                    f"its share of the budget), got {self.rank_pool_capacity!r}")
+            if not self.rank_pool:
+                bad("rank_pool_capacity", "sizes the rank pool: add --drlora-rank-pool")
+            if self.rank_map is not None:
+                bad("rank_pool_capacity", "a fixed --drlora-rank-map sizes the pool by its own "
+                    "sum and never grows: drop one of the two")
         for name, choices in (("allocation", ALLOCATION_SCOPES), ("saliency", SALIENCY_VARIANTS),
                               ("frequency", FREQUENCY_SOURCES), ("router", ROUTER_MODES),
                               ("shared_experts", SHARED_EXPERT_MODES)):
@@ -277,7 +292,13 @@ class DRLoRAConfig:
                 f"p_grow={self.p_grow} T_grow={self.grow_interval} T_buffer={self.grow_buffer}"
                 f" shared_experts={self.shared_experts}"
                 f"{' rank_map=fixed (no growth)' if self.rank_map is not None else ''}"
-                f"{' rank_pool' if self.rank_pool else ''}")
+                f"{' rank_pool' if self.rank_pool else ''}"
+                f"{self._capacity_text()}")
+
+    def _capacity_text(self) -> str:
+        if self.rank_pool_capacity is None:
+            return ""
+        return f" rank_pool_capacity={self.rank_pool_capacity:g}"
 
 
 def read_rank_map_file(path: str) -> List:
@@ -324,7 +345,7 @@ def add_drlora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kw["choices"] = f.metadata["choices"]
         elif f.name == "rank_map":
             kw["type"], kw["metavar"] = str, "FILE.json"
-        elif f.name in ("alpha", "dropout", "beta", "gamma", "p_grow"):
+        elif f.name in ("alpha", "dropout", "beta", "gamma", "p_grow", "rank_pool_capacity"):
             kw["type"] = float
         else:
             kw["type"] = int

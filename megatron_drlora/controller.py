@@ -236,7 +236,8 @@ class DRLoRAController:
                                         cfg.gamma).cpu()
         new_map = allocate_growth(scores, self.rank_map, list(sched.quotas), sched.cap,
                                   sched.r_max, [sched.layer_target(l) for l in
-                                                range(sched.num_layers)], cfg.allocation)
+                                                range(sched.num_layers)], cfg.allocation,
+                                  group_capacity=self.handle.growth_group_capacity())
         # Every rank applies global rank 0's decision (identical by construction even if a
         # near-tie resolved differently here), then an exact integer check confirms it.
         mine, new_map = new_map, comm.broadcast_rank_map(new_map, src=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -118,6 +118,16 @@ class DRLoRAModel:
                 f"--drlora-rank-map has shape {tuple(rank_map.shape)} but this model needs "
                 f"{self.rank_map_shape()} (MoE layers, experts, target projections)")
         return rank_map
+
+    def growth_group_capacity(self) -> Optional[Tuple[int, int]]:
+        """(experts per EP rank, rank slots per layer of each rank's pool) when
+        --drlora-rank-pool-capacity bounds the pool, for allocate_growth; else None. The same
+        on every rank (uniform EP, every rank holds MoE layers, the pool size is a function of
+        the config and the geometry)."""
+        if getattr(self.config, "rank_pool_capacity", None) is None:
+            return None
+        bank = self.layers[0].bank
+        return len(bank.global_expert_ids), bank.capacity
 
     def set_rank_map(self, rank_map: torch.Tensor) -> None:
         """Push a global [MoE layers, experts, projections] rank map into the local banks."""

@@ -202,3 +202,75 @@ def test_validation(index, value, match):
 def test_bad_scope():
     with pytest.raises(ValueError, match="scope"):
         allocate_growth(*_base(), scope="everywhere")
+
+
+def reference_with_group_caps(saliency, ranks, quota, cap, r_max, targets, scope, per_group,
+                              limit):
+    """The same literal loop, where a module of a group (consecutive `per_group` experts of a
+    layer) whose active ranks already reach `limit` gets nothing."""
+    S = saliency.tolist()
+    r = [[list(m) for m in layer] for layer in ranks.tolist()]
+    L, E = len(r), len(r[0])
+
+    def group_total(l, e):
+        g = e // per_group
+        return sum(sum(r[l][x]) for x in range(g * per_group, (g + 1) * per_group))
+
+    def spend(order, remaining):
+        for l, e in order:
+            for m in range(len(r[l][e])):
+                if remaining <= 0:
+                    return
+                n = min(cap, r_max - r[l][e][m], remaining, max(0, limit - group_total(l, e)))
+                r[l][e][m] += n
+                remaining -= n
+
+    active = [sum(sum(m) for m in layer) for layer in r]
+    if scope == "layer":
+        for l in range(L):
+            order = sorted(((l, e) for e in range(E)), key=lambda le: (-S[le[0]][le[1]], le[1]))
+            spend(order, min(quota[l], targets[l] - active[l]))
+    else:
+        order = sorted(((l, e) for l in range(L) for e in range(E)),
+                       key=lambda le: (-S[le[0]][le[1]], le[0], le[1]))
+        spend(order, min(sum(quota), sum(targets) - sum(active)))
+    return torch.tensor(r, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_group_capacity_matches_reference_and_binds(scope):
+    rng = random.Random(99)
+    bound = 0
+    for _ in range(400):
+        per_group = rng.choice([1, 2, 3])
+        args = random_case(rng, E=per_group * rng.randint(1, 4))
+        ranks = args[1]
+        L, E, M = ranks.shape
+        groups = ranks.view(L, E // per_group, per_group * M).sum(-1)
+        limit = int(groups.max()) + rng.randint(0, 10)  # at least what a group holds now
+        expected = reference_with_group_caps(*args, scope, per_group, limit)
+        got = allocate_growth(*args, scope=scope, group_capacity=(per_group, limit))
+        assert torch.equal(got, expected), (args, per_group, limit)
+        assert int(got.view(L, E // per_group, -1).sum(-1).max()) <= limit
+        free = allocate_growth(*args, scope=scope)
+        bound += not torch.equal(got, free)
+        if int(free.view(L, E // per_group, -1).sum(-1).max()) <= limit:
+            assert torch.equal(got, free)  # a limit that never binds changes nothing
+    assert bound > 50  # the limit really bound in many cases
+
+
+def test_group_capacity_sends_growth_to_the_next_group():
+    # 1 layer, 4 experts in 2 groups of 2, 1 module; experts 0 and 1 (group 0) most salient
+    saliency = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    ranks = torch.full((1, 4, 1), 2, dtype=torch.int64)
+    got = allocate_growth(saliency, ranks, [8], cap=4, r_max=8, layer_targets=[16],
+                          group_capacity=(2, 8))
+    assert got.flatten().tolist() == [6, 2, 6, 2]  # group 0 full at 8: the rest to expert 2
+    free = allocate_growth(saliency, ranks, [8], cap=4, r_max=8, layer_targets=[16])
+    assert free.flatten().tolist() == [6, 6, 2, 2]
+
+
+def test_group_capacity_validation():
+    s, r = torch.zeros(1, 4), torch.zeros(1, 4, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="divide"):
+        allocate_growth(s, r, [1], 1, 4, [4], group_capacity=(3, 4))

@@ -238,6 +238,10 @@ def test_pool_capacity_bounds():
     # global scope over 16 layers at EP=1: one layer may reach r_max everywhere
     assert pool_capacity(DRLoRAConfig(budget=8, r_init=4, r_max=16, allocation="global"),
                          64, 64, 2, 16) == 64 * 2 * 16
+    # --drlora-rank-pool-capacity F: F x the rank's share, never above the bound
+    capped = DRLoRAConfig(budget=8, r_init=4, r_max=16, rank_pool=True, rank_pool_capacity=1.1)
+    for local, share, bound in ((64, 1024, 1024), (32, 512, 768), (16, 256, 512)):
+        assert pool_capacity(capped, 64, local, 2, 16) == min(bound, int(1.1 * share))
 
 
 def test_pool_refuses_a_rank_map_over_its_capacity():

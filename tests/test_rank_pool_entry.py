@@ -75,6 +75,32 @@ def test_pooled_ep2_checkpoint_resumes_in_one_process(pool_after, work, base):
         assert torch.allclose(got["tensors"][key], ref_t, rtol=0, atol=1e-4 * scale), key
 
 
+def test_per_rank_capacity_bounds_every_ranks_pool_at_ep2(work, base):
+    """--drlora-rank-pool-capacity 1.0 at EP2 (2 local experts x 2 projections a rank, budget
+    4): each rank's pool holds 16 slots (its share of uniform r_target, 1.00x; 24 = 1.5x
+    without the flag), no event gives one rank's experts of a layer more than 16 ranks, and
+    the budget is still reached (32 per layer = both ranks full)."""
+    uncapped = drlora_run(work, base, "rank_pool_ep2", 2, POOL + LAYOUTS["ep2"])
+    path = work / "rank_pool_ep2_capacity"
+    shutil.rmtree(path, ignore_errors=True)
+    proc = torchrun(2, TINY + DRLORA + POOL + LAYOUTS["ep2"]
+                    + ["--drlora-rank-pool-capacity", "1.0", "--pretrained-checkpoint",
+                       str(base), "--save", str(path)])
+    assert "rank pool: 16 rank slots per MoE layer for this rank's 4 expert modules (1.00x" \
+        in proc.stdout
+    capped = events(path)
+    assert [e["iteration"] for e in capped] == EVENTS
+    for event in capped:
+        per_rank = torch.tensor(event["rank_map"]).view(2, 2, -1).sum(-1)  # [layer, EP rank]
+        assert int(per_rank.max()) <= 16, event
+    final = torch.tensor(capped[-1]["rank_map"])
+    assert final.sum(dim=(1, 2)).tolist() == [32, 32]
+    free = [torch.tensor(e["rank_map"]).view(2, 2, -1).sum(-1) for e in events(uncapped)]
+    # without the flag one rank's experts of layer 0 take 18 ranks: the limit binds here
+    assert max(int(g.max()) for g in free) > 16
+    assert [e["rank_map"] for e in capped] != [e["rank_map"] for e in events(uncapped)]
+
+
 def test_pooled_run_with_the_distributed_optimizer_matches(reference, work, base):
     # not resumed: a dense run with the distributed optimizer cannot resume on CPU either
     # (DistributedOptimizer.state_dict's single-step assertion fails at the load)

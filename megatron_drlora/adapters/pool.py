@@ -25,6 +25,7 @@ state reset; a pooled model computes what a dense bank with the same rank map co
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -42,7 +43,9 @@ def pool_capacity(config, num_experts: int, num_local: int, num_projections: int
     being the layer (`--drlora-allocation layer`: E x P modules) or the model ('global':
     L x E x P). At EP=1 with layer scope that is uniform LoRA at r_target; with global scope or
     EP > 1 it may be up to local modules x r_max (no saving). A fixed `--drlora-rank-map` needs
-    exactly its local sum (`fixed_local_sum`)."""
+    exactly its local sum (`fixed_local_sum`). `--drlora-rank-pool-capacity F` lowers S to
+    F x the local modules' share of uniform r_target, and the allocator keeps every rank's
+    experts of a layer within it (`allocate_growth(group_capacity=...)`)."""
     local_modules = num_local * num_projections
     if fixed_local_sum is not None:
         return max(1, int(fixed_local_sum))
@@ -51,7 +54,12 @@ def pool_capacity(config, num_experts: int, num_local: int, num_projections: int
         scope *= num_moe_layers
     budget = max(config.budget, config.rank_init) * scope
     bound = budget - (scope - local_modules) * config.rank_init
-    return max(1, min(local_modules * config.rank_max, bound))
+    capacity = min(local_modules * config.rank_max, bound)
+    factor = getattr(config, "rank_pool_capacity", None)
+    if factor is not None:
+        share = local_modules * max(config.budget, config.rank_init)
+        capacity = min(capacity, math.floor(factor * share + 1e-9))
+    return max(1, capacity)
 
 
 class PooledLoRABank(LocalExpertAdapters):
