@@ -312,7 +312,8 @@ def test_signal_chain_end_to_end(tmp_path):
     usr1, usr1_out, usr1_log = _start_job(tmp_path, "usr1", SCRIPTS[1])
     term, term_out, term_log = _start_job(tmp_path, "term", SCRIPTS[0])
     try:
-        _wait(lambda: _ready(usr1_out) and _ready(term_out), 25, "the workers to start")
+        # four workers and two launchers import torch at once: generous on a loaded 2-core box
+        _wait(lambda: _ready(usr1_out) and _ready(term_out), 90, "the workers to start")
 
         # A stray SIGUSR1 to torchrun itself must not kill it (it runs with USR1 ignored).
         torchrun_pid = int((usr1_out / "ready.0").read_text())
@@ -325,7 +326,7 @@ def test_signal_chain_end_to_end(tmp_path):
         srun_pid = int((term_out / "srun.pid").read_text())
         os.kill(srun_pid, signal.SIGTERM)                   # SLURM signals the step's task
         os.kill(term.pid, signal.SIGTERM)                   # ... and the batch shell
-        usr1_rc, term_rc = usr1.wait(timeout=25), term.wait(timeout=25)
+        usr1_rc, term_rc = usr1.wait(timeout=60), term.wait(timeout=60)
     finally:
         for proc in (usr1, term):
             if proc.poll() is None:
