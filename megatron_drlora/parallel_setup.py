@@ -52,8 +52,22 @@ def initialize_megatron_parallel(sizes: ParallelSizes, seed: int = 1234) -> None
             f"world size {world} is not divisible by TP x PP x CP = {model_size} "
             f"(--tensor-model-parallel-size {sizes.tensor_model_parallel_size}, "
             f"--pipeline-model-parallel-size {sizes.pipeline_model_parallel_size})")
+    global _INITIALIZED
+    layout = (sizes, world)
     if ps.model_parallel_is_initialized():
+        live = (ps.get_tensor_model_parallel_world_size(),
+                ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size(), ps.get_context_parallel_world_size())
+        wanted = (sizes.tensor_model_parallel_size, sizes.pipeline_model_parallel_size,
+                  sizes.expert_model_parallel_size, sizes.context_parallel_size)
+        if _INITIALIZED == layout and live == wanted:
+            # The same groups again (an evaluation per run in one process): reuse them.
+            # destroy_model_parallel forgets Megatron's groups but does not free torch's, so
+            # rebuilding leaked gloo groups and their threads (thousands over a benchmark).
+            cpu.model_parallel_seed(seed)
+            return
         ps.destroy_model_parallel()
+    _INITIALIZED = None
     ps.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tensor_model_parallel_size,
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
@@ -62,7 +76,12 @@ def initialize_megatron_parallel(sizes: ParallelSizes, seed: int = 1234) -> None
         expert_model_parallel_size=sizes.expert_model_parallel_size,
         expert_tensor_parallel_size=sizes.expert_tensor_parallel_size,
     )
+    _INITIALIZED = layout
     cpu.model_parallel_seed(seed)
+
+
+# (ParallelSizes, world size) of the groups initialize_megatron_parallel made last
+_INITIALIZED = None
 
 
 def shutdown() -> None:
