@@ -8,18 +8,28 @@ import torch
 from megatron_drlora.allocator import allocate_growth
 
 
-def reference(saliency, ranks, quota, cap, r_max, targets, scope):
-    """algorithm.md section 5, literally: sort, then visit expert by expert, module by module."""
+def reference(saliency, ranks, quota, cap, r_max, targets, scope, per_group=None,
+              limit=None):
+    """algorithm.md section 5, literally: sort, then visit expert by expert, module by module.
+    With `per_group`/`limit` (--drlora-rank-pool-capacity): a module of a group (consecutive
+    `per_group` experts of a layer) whose active ranks already reach `limit` gets nothing."""
     S = saliency.tolist()
     r = [[list(m) for m in layer] for layer in ranks.tolist()]
     L, E = len(r), len(r[0])
+
+    def group_room(l, e):
+        if per_group is None:
+            return r_max  # no group limit: never the smallest term
+        g = e // per_group
+        return max(0, limit - sum(sum(r[l][x]) for x in range(g * per_group,
+                                                               (g + 1) * per_group)))
 
     def spend(order, remaining):
         for l, e in order:
             for m in range(len(r[l][e])):
                 if remaining <= 0:
                     return
-                n = min(cap, r_max - r[l][e][m], remaining)
+                n = min(cap, r_max - r[l][e][m], remaining, group_room(l, e))
                 r[l][e][m] += n
                 remaining -= n
 
@@ -204,39 +214,6 @@ def test_bad_scope():
         allocate_growth(*_base(), scope="everywhere")
 
 
-def reference_with_group_caps(saliency, ranks, quota, cap, r_max, targets, scope, per_group,
-                              limit):
-    """The same literal loop, where a module of a group (consecutive `per_group` experts of a
-    layer) whose active ranks already reach `limit` gets nothing."""
-    S = saliency.tolist()
-    r = [[list(m) for m in layer] for layer in ranks.tolist()]
-    L, E = len(r), len(r[0])
-
-    def group_total(l, e):
-        g = e // per_group
-        return sum(sum(r[l][x]) for x in range(g * per_group, (g + 1) * per_group))
-
-    def spend(order, remaining):
-        for l, e in order:
-            for m in range(len(r[l][e])):
-                if remaining <= 0:
-                    return
-                n = min(cap, r_max - r[l][e][m], remaining, max(0, limit - group_total(l, e)))
-                r[l][e][m] += n
-                remaining -= n
-
-    active = [sum(sum(m) for m in layer) for layer in r]
-    if scope == "layer":
-        for l in range(L):
-            order = sorted(((l, e) for e in range(E)), key=lambda le: (-S[le[0]][le[1]], le[1]))
-            spend(order, min(quota[l], targets[l] - active[l]))
-    else:
-        order = sorted(((l, e) for l in range(L) for e in range(E)),
-                       key=lambda le: (-S[le[0]][le[1]], le[0], le[1]))
-        spend(order, min(sum(quota), sum(targets) - sum(active)))
-    return torch.tensor(r, dtype=torch.int64)
-
-
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_group_capacity_matches_reference_and_binds(scope):
     rng = random.Random(99)
@@ -248,7 +225,7 @@ def test_group_capacity_matches_reference_and_binds(scope):
         L, E, M = ranks.shape
         groups = ranks.view(L, E // per_group, per_group * M).sum(-1)
         limit = int(groups.max()) + rng.randint(0, 10)  # at least what a group holds now
-        expected = reference_with_group_caps(*args, scope, per_group, limit)
+        expected = reference(*args, scope, per_group, limit)
         got = allocate_growth(*args, scope=scope, group_capacity=(per_group, limit))
         assert torch.equal(got, expected), (args, per_group, limit)
         assert int(got.view(L, E // per_group, -1).sum(-1).max()) <= limit
