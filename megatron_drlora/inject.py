@@ -124,7 +124,7 @@ class DRLoRAModel:
         --drlora-rank-pool-capacity bounds the pool, for allocate_growth; else None. The same
         on every rank (uniform EP, every rank holds MoE layers, the pool size is a function of
         the config and the geometry)."""
-        if getattr(self.config, "rank_pool_capacity", None) is None:
+        if self.config.rank_pool_capacity is None:
             return None
         bank = self.layers[0].bank
         return len(bank.global_expert_ids), bank.capacity

@@ -55,7 +55,7 @@ def pool_capacity(config, num_experts: int, num_local: int, num_projections: int
     budget = max(config.budget, config.rank_init) * scope
     bound = budget - (scope - local_modules) * config.rank_init
     capacity = min(local_modules * config.rank_max, bound)
-    factor = getattr(config, "rank_pool_capacity", None)
+    factor = config.rank_pool_capacity
     if factor is not None:
         share = local_modules * max(config.budget, config.rank_init)
         capacity = min(capacity, math.floor(factor * share + 1e-9))
