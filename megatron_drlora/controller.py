@@ -117,15 +117,21 @@ class DRLoRAController:
         """The optimizer that trains the adapters. Needed with --drlora-rank-pool when it keeps
         its own copy of them (Megatron's mixed-precision and distributed optimizers: fp32 main
         params; any optimizer's states): a grown rank's init is written there too and the
-        new slot's optimizer state zeroed (compat.optimizer.write_param_rows). Megatron-LM's
-        loop attaches its optimizer itself; a torch optimizer over fp32 adapters may be
-        attached or not (its states of a never-used slot are zero anyway)."""
-        from megatron_drlora.compat.optimizer import write_param_rows
+        new slot's optimizer state zeroed (compat.optimizer.write_param_rows), and at every
+        rank change the pool is packed anew with the optimizer's copy and states moving with
+        its rows (compat.optimizer.move_param_rows), so the forward takes views instead of
+        gathering. Megatron-LM's loop attaches its optimizer itself; a torch optimizer over
+        fp32 adapters may be left unattached (grown ranks then take free slots, nothing
+        moves, and the forward gathers the active slots)."""
+        from megatron_drlora.compat.optimizer import move_param_rows, write_param_rows
 
         for layer in self.handle.layers:
             if getattr(layer.bank, "pooled", False):
-                layer.bank.row_writer = (None if optimizer is None else
-                                         functools.partial(write_param_rows, optimizer))
+                bank = layer.bank
+                bank.row_writer = (None if optimizer is None else
+                                   functools.partial(write_param_rows, optimizer))
+                bank.row_mover = (None if optimizer is None else
+                                  functools.partial(move_param_rows, optimizer))
 
     def _require_ddp_models(self) -> None:
         if self._ddp_attached:

@@ -6,6 +6,7 @@ gradients, growth's init, the saliency statistics; plus the pool's own promises:
 stay exactly zero through AdamW with weight decay, and its memory is uniform LoRA at r_target.
 """
 
+import functools
 import types
 
 import pytest
@@ -16,6 +17,7 @@ from megatron_drlora import DRLoRAConfig
 from megatron_drlora.adapters import experts as attach
 from megatron_drlora.adapters.bank import ExpertLoRABank, init_seed, kaiming_uniform_a
 from megatron_drlora.adapters.pool import PooledLoRABank, pool_capacity
+from megatron_drlora.compat.optimizer import move_param_rows
 from megatron_drlora.controller import DRLoRAController
 from megatron_drlora.inject import projection_specs
 from megatron_drlora.statistics import local_sensitivity
@@ -27,13 +29,21 @@ pytestmark = pytest.mark.usefixtures("megatron_single")
 RANKS = [[[3, 16], [0, 5], [12, 9], [8, 8]], [[1, 1], [16, 16], [2, 0], [7, 11]]]
 
 
-def _pair(args, targets=("up", "down"), rank_map=RANKS, **cfg):
-    """A dense and a pooled model with the same base, rank map and adapter values."""
+def _pair(args, targets=("up", "down"), rank_map=RANKS, packed=False, **cfg):
+    """A dense and a pooled model with the same base, rank map and adapter values. `packed`:
+    the pool repacks at the rank change (as with an attached optimizer; here there is no
+    optimizer state to move) and its forward slices; else the ranks take free slots and the
+    forward gathers."""
     out = []
     for pool in (False, True):
         config = DRLoRAConfig(budget=8, targets=targets, rank_pool=pool, **cfg)
         chunks, handle = build(args, config)
+        if pool and packed:
+            for layer in handle.layers:
+                layer.bank.row_mover = functools.partial(move_param_rows, None)
         handle.set_rank_map(torch.tensor(rank_map)[:, :, :len(targets)])
+        if pool:
+            assert all(layer.bank._packed == packed for layer in handle.layers)
         randomize_adapters(handle)
         out.append((chunks[0], handle))
     return out
@@ -63,16 +73,17 @@ def _assert_close_scaled(actual, expected, rel=1e-5):
         f"max diff {(actual - expected).abs().max()} vs scale {scale}"
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["sliced", "gathered"])
 @pytest.mark.parametrize("targets,gated", [(("up", "down"), True), (("gate", "up", "down"), True),
                                            (("up", "down"), False)],
                          ids=["up-down", "gate-up-down", "non-gated"])
-def test_pool_forward_backward_equal_dense_bank(targets, gated):
+def test_pool_forward_backward_equal_dense_bank(targets, gated, packed):
     args = tiny_args(swiglu=gated)
     rank_map = [[row + [row[0]] for row in layer] for layer in RANKS] if len(targets) == 3 \
         else RANKS
     if len(targets) == 3:  # keep within 4 x 3 x 8 = 96 per layer
         rank_map = [[[min(r, 8) for r in row] for row in layer] for layer in rank_map]
-    (dense_model, dense), (pool_model, pool) = _pair(args, targets, rank_map)
+    (dense_model, dense), (pool_model, pool) = _pair(args, targets, rank_map, packed)
     loss_d, loss_p = _loss(dense_model, args), _loss(pool_model, args)
     loss_d.backward()
     loss_p.backward()
@@ -130,7 +141,37 @@ def test_grouped_hooks_pool_equal_dense_bank(ffn, r_max):
         _assert_close_scaled(grads_p[key], grads_d[key])
 
 
-def test_growth_writes_the_dense_init_and_keeps_outputs_and_free_slots_zero():
+def _literal_packing(rank_map, r_max):
+    """Slot of (expert, projection, rank) when packed expert after expert, projection after
+    projection, rank after rank: a counting loop."""
+    table, slot = {}, 0
+    for e, row in enumerate(rank_map):
+        for j, r in enumerate(row):
+            for k in range(r):
+                table[e, j, k] = slot
+                slot += 1
+    return table, slot
+
+
+def _dense_states(bank, opt):
+    """{(projection, A|B, state): dense view} of the AdamW moments of a pooled bank."""
+    out = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        pool = {"slots_hidden": opt.state[bank.slots_hidden][key],
+                "slots_ffn": opt.state[bank.slots_ffn][key]}
+        for name in bank.projection_names:
+            for which in ("A", "B"):
+                out[name, which, key] = bank.dense_from(name, which, pool)
+    return out
+
+
+@pytest.mark.parametrize("attached", [True, False], ids=["repacked", "free-slots"])
+def test_growth_writes_the_dense_init_and_keeps_outputs_states_and_free_slots(attached):
+    """A growth after three AdamW steps: the model's output is unchanged, grown ranks hold the
+    dense bank's init (B zero) with zero moments, kept ranks keep their values and moments
+    wherever they now live, free slots stay zero. With the optimizer attached the slots are
+    repacked (expert, projection, rank: a literal count) so the forward slices; without it
+    grown ranks take the lowest free slots and nothing moves."""
     args = tiny_args()
     config = DRLoRAConfig(budget=8, rank_pool=True, grow_interval=10, grow_buffer=0)
     chunks, handle = build(args, config)
@@ -138,7 +179,8 @@ def test_growth_writes_the_dense_init_and_keeps_outputs_and_free_slots_zero():
     controller = DRLoRAController(handle, train_iters=100, warmup_iters=0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    controller.attach_optimizer(opt)
+    if attached:
+        controller.attach_optimizer(opt)
     for step in range(3):
         opt.zero_grad()
         _loss(model, args, seed=step).backward()
@@ -152,13 +194,30 @@ def test_growth_writes_the_dense_init_and_keeps_outputs_and_free_slots_zero():
             assert torch.count_nonzero(opt.state[p]["exp_avg"][free]) == 0
     before = _loss(model, args, seed=9).detach()
     free_before = [set(bank._free) for bank in banks]
+    values_before = [{(n, w): bank.dense_factor(n, w) for n in bank.projection_names
+                      for w in "AB"} for bank in banks]
+    states_before = [_dense_states(bank, opt) for bank in banks]
     rank_map = handle.initial_rank_map()
     rank_map[:, ::2] += 3
+    rank_map[:, 1, 1] += 2
     handle.set_rank_map(rank_map)
     assert torch.equal(before, _loss(model, args, seed=9).detach())
-    for bank, was_free in zip(banks, free_before):
+    for i, (bank, was_free) in enumerate(zip(banks, free_before)):
+        states = _dense_states(bank, opt)
         for name in bank.projection_names:
             a = bank.dense_factor(name, "A")
+            for which in "AB":
+                now, was = bank.dense_factor(name, which), values_before[i][name, which]
+                for e in range(len(bank.global_expert_ids)):
+                    keep = (slice(e, e + 1), slice(0, 4)) if which == "A" else \
+                        (slice(e, e + 1), slice(None), slice(0, 4))
+                    assert torch.equal(now[keep], was[keep])
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        got = states[name, which, key]
+                        assert torch.equal(got[keep], states_before[i][name, which, key][keep])
+                        grown = (e, slice(4, None)) if which == "A" else \
+                            (e, slice(None), slice(4, None))
+                        assert torch.count_nonzero(got[grown]) == 0
             for e, expert in enumerate(bank.global_expert_ids):
                 r0, r1 = 4, bank.rank(e, name)
                 if r1 == r0:
@@ -168,10 +227,20 @@ def test_growth_writes_the_dense_init_and_keeps_outputs_and_free_slots_zero():
                                          init_seed(config.seed, bank.layer, expert, name))
                 assert torch.equal(a[e, r0:r1], want[r0:r1].float())
                 assert torch.count_nonzero(bank.dense_factor(name, "B")[e, :, r0:r1]) == 0
-        taken = torch.tensor(sorted(was_free - set(bank._free)))
-        assert len(taken) == 3 * 2 * 2  # experts 0 and 2, both projections, +3
-        for p in (bank.slots_hidden, bank.slots_ffn):  # new slots start with zero moments
-            assert torch.count_nonzero(opt.state[p]["exp_avg_sq"][taken]) == 0
+        free = torch.tensor(bank._free)
+        assert len(free) == bank.capacity - 32 - 3 * 2 * 2 - 2
+        for p in (bank.slots_hidden, bank.slots_ffn):
+            assert torch.count_nonzero(p.detach()[free]) == 0
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.count_nonzero(opt.state[p][key][free]) == 0
+        literal, used = _literal_packing(bank.ranks.tolist(), bank.r_max)
+        packed = {(e, j, k): int(bank._table[e, j, k]) for e, j, k in literal}
+        if attached:
+            assert packed == literal and bank._packed and bank._free[0] == used
+        else:  # the original slots stay, the grown ranks took the lowest free ones
+            assert not bank._packed
+            taken = sorted(was_free - set(bank._free))
+            assert taken == sorted(was_free)[:len(taken)]
 
 
 def test_free_slots_stay_zero_and_training_matches_dense_bank():
@@ -198,10 +267,11 @@ def test_free_slots_stay_zero_and_training_matches_dense_bank():
     _assert_close_scaled(logits[1], logits[0], 1e-4)
 
 
-def test_statistics_equal_dense_bank():
+@pytest.mark.parametrize("packed", [True, False], ids=["sliced", "gathered"])
+def test_statistics_equal_dense_bank(packed):
     args = tiny_args()
     results = []
-    for model, handle in _pair(args):
+    for model, handle in _pair(args, packed=packed):
         _loss(model, args).backward()
         results.append(local_sensitivity(handle, lambda b, n: True, lambda b, n: True))
     (a_d, b_d), (a_p, b_p) = results

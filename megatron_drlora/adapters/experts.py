@@ -84,12 +84,11 @@ class _ExpertFactorViews:
         self.views = {}
 
     def make(self, module, args) -> None:
+        if getattr(self.bank, "pooled", False):  # each expert's active slots only
+            self.views = self.bank.expert_views()
+            return
         self.views = {}
         for name in self.bank.projection_names:
-            if getattr(self.bank, "pooled", False):  # each expert's active slots only
-                a, b = self.bank.expert_factors(name)
-                self.views[(name, "A")], self.views[(name, "B")] = a, b
-                continue
             a, b = self.bank.lora_factors(name)
             self.views[(name, "A")], self.views[(name, "B")] = a.unbind(0), b.unbind(0)
 

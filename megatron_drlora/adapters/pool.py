@@ -15,7 +15,14 @@ the B-column `slots_ffn[s]`; for down (fc2) the A-row is `slots_ffn[s]` and the 
 LoRA.
 
 The slot table [local experts, projections, r_max] maps (expert, projection, rank k) to a slot,
-as a device tensor (the forward gathers with it, no host read) and a host copy (-1 = none).
+as a device tensor (the grouped forward and the statistics gather with it, no host read) and a
+host copy (-1 = none). Once an optimizer is attached (`row_mover`, set by the controller to
+compat.optimizer.move_param_rows) every rank change packs the slots anew, expert after expert,
+projection after projection, rank after rank (`packed_table`), moving the kept ranks' rows in
+the parameters, the optimizer's main copies and its states alike: the per-expert loop then
+takes each expert's factors as views of one `split` of each pool parameter (no gather, one
+backward node), like the dense bank's `unbind`. Without a mover (no optimizer to keep in step)
+a grown rank takes the lowest free slots instead and the loop gathers the active slots.
 Free slots hold zeros: zero gradient, zero Adam moments, and weight decay keeps them zero.
 Assigning rank k writes the dense bank's init into the slot (A-row k of the same
 `kaiming_uniform_a` draw, B zero) and, through `row_writer` (the controller sets it to
@@ -62,6 +69,15 @@ def pool_capacity(config, num_experts: int, num_local: int, num_projections: int
     return max(1, capacity)
 
 
+def packed_table(ranks: torch.Tensor, r_max: int) -> torch.Tensor:
+    """The slot table [E, P, r_max] (-1 = none) that packs `ranks` [E, P] from slot 0, expert
+    after expert, projection after projection, rank after rank."""
+    ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
+    starts = (ranks.reshape(-1).cumsum(0) - ranks.reshape(-1)).view(ranks.shape)
+    k = torch.arange(r_max, dtype=torch.int64)
+    return torch.where(k < ranks.unsqueeze(-1), starts.unsqueeze(-1) + k, torch.full((), -1))
+
+
 class PooledLoRABank(LocalExpertAdapters):
     """LoRA rank slots and the slot table of the local experts of one MoE layer."""
 
@@ -103,15 +119,18 @@ class PooledLoRABank(LocalExpertAdapters):
                              persistent=False)
         self.register_buffer("ranks", torch.zeros(num_local, len(projections), dtype=torch.int64,
                                                   device=device), persistent=False)
-        # Per projection, the slots of every local expert's active ranks, expert after expert
-        # (rank order): the per-expert loop gathers exactly these rows (`expert_factors`).
-        self.register_buffer("active_slots", torch.zeros(len(projections), self.capacity,
-                                                         dtype=torch.int64, device=device),
-                             persistent=False)
+        # The slots of the active ranks in packed order (expert, projection, rank): the
+        # per-expert loop gathers these rows when the layout is not packed (`expert_views`).
+        self.register_buffer("slot_order", torch.zeros(self.capacity, dtype=torch.int64,
+                                                       device=device), persistent=False)
         self._ranks_list: List[List[int]] = self.ranks.cpu().tolist()
         self._free: List[int] = list(range(self.capacity))
+        self._packed = True  # the host table is packed_table(ranks): slices, no gather
         # (param, rows LongTensor, values) -> None: also writes the optimizer's main copy.
         self.row_writer: Optional[Callable] = None
+        # (param, source LongTensor [capacity]) -> None: row i of the optimizer's main copy and
+        # states becomes old row source[i] (zero where -1). Set: rank changes pack the pool.
+        self.row_mover: Optional[Callable] = None
         self.set_ranks(torch.full((num_local, len(projections)), int(r_init), dtype=torch.int64))
 
     # --- which pool row holds which factor ---------------------------------------------------
@@ -126,9 +145,11 @@ class PooledLoRABank(LocalExpertAdapters):
 
     @torch.no_grad()
     def set_ranks(self, ranks: torch.Tensor) -> None:
-        """Set the active ranks [local experts, projections]: a grown rank takes the lowest
-        free slot and gets its init; a shrunk one (only a load does that) frees its slots,
-        zeroed. Raises before changing anything when the pool is too small."""
+        """Set the active ranks [local experts, projections]: a grown rank gets its init, a
+        shrunk one (only a load does that) loses its values. With a `row_mover` the slots are
+        packed anew (kept ranks moved, optimizer state with them); without one a grown rank
+        takes the lowest free slots and a shrunk one's slots are zeroed and freed. Raises
+        before changing anything when the pool is too small."""
         ranks = self._checked_rank_map(ranks)
         if int(ranks.sum()) > self.capacity:
             raise ValueError(
@@ -137,6 +158,43 @@ class PooledLoRABank(LocalExpertAdapters):
                 f"ranks grown from r_init within the budget")
         old = self._ranks_list
         new = ranks.tolist()
+        if self.row_mover is not None:
+            self._repack(ranks)
+        else:
+            self._reuse_free_slots(old, new)
+        self._ranks_list = new
+        self.ranks.copy_(ranks.to(self.ranks.device))
+        self._publish_table()
+
+    def _grown(self, old, new):
+        return [(e, j, old[e][j], r) for e, row in enumerate(new) for j, r in enumerate(row)
+                if r > old[e][j]]
+
+    def _repack(self, ranks: torch.Tensor) -> None:
+        """Pack the new ranks from slot 0 (packed_table): kept ranks move with their optimizer
+        state, grown ones get their init, every other slot is zero."""
+        old_ranks = self._ranks_list
+        table = packed_table(ranks, self.r_max)
+        kept = (table >= 0) & (self._table >= 0)
+        source = torch.full((self.capacity,), -1, dtype=torch.int64)
+        source[table[kept]] = self._table[kept]
+        used = int(ranks.sum())
+        moved = not torch.equal(table[kept], self._table[kept])
+        if moved or int(kept.sum()) < self.slots_in_use():  # else: free rows are zero already
+            for param in (self.slots_hidden, self.slots_ffn):
+                index = source.clamp(min=0).to(param.device)
+                keep = (source >= 0).to(param.device).unsqueeze(1)
+                param.data.copy_(torch.where(keep, param.data.index_select(0, index),
+                                             torch.zeros((), dtype=param.dtype,
+                                                         device=param.device)))
+                self.row_mover(param, source)
+        self._table = table
+        self._free = list(range(used, self.capacity))
+        self._write_init(self._grown(old_ranks, ranks.tolist()))
+
+    def _reuse_free_slots(self, old, new) -> None:
+        """Without an optimizer to move state in: zero and free shrunk ranks' slots, give
+        grown ranks the lowest free ones (nothing moves)."""
         freed: List[int] = []
         for e, row in enumerate(new):
             for j, r in enumerate(row):
@@ -149,13 +207,11 @@ class PooledLoRABank(LocalExpertAdapters):
                 self._write_rows(param, rows, torch.zeros(len(freed), param.shape[1],
                                                           dtype=param.dtype))
             self._free = sorted(self._free + freed)
-        grown = [(e, j, old[e][j], r) for e, row in enumerate(new) for j, r in enumerate(row)
-                 if r > old[e][j]]
-        if grown:
-            self._assign(grown)
-        self._ranks_list = new
-        self.ranks.copy_(ranks.to(self.ranks.device))
-        self._publish_table()
+        grown = self._grown(old, new)
+        for e, j, lo, hi in grown:
+            slots, self._free = self._free[:hi - lo], self._free[hi - lo:]
+            self._table[e, j, lo:hi] = torch.tensor(slots, dtype=torch.int64)
+        self._write_init(grown)
 
     def load_layout(self, table: torch.Tensor) -> None:
         """Adopt a slot table (a checkpoint's, pool_checkpoint.resolve_table) as it is: the
@@ -175,20 +231,19 @@ class PooledLoRABank(LocalExpertAdapters):
     def _publish_table(self) -> None:
         """The device copies of the host table (at a rank change only, never per forward)."""
         self.slot_table.copy_(self._table.clamp(min=0).to(self.slot_table.device))
-        active = torch.zeros(self.active_slots.shape, dtype=torch.int64)
-        for j in range(len(self.projection_names)):
-            used = self._table[:, j, :]
-            used = used[used >= 0]  # row-major: expert after expert, rank order
-            active[j, :used.numel()] = used
-        self.active_slots.copy_(active.to(self.active_slots.device))
+        used = self._table[self._table >= 0]  # row-major: expert, projection, rank
+        order = torch.zeros(self.capacity, dtype=torch.int64)
+        order[:used.numel()] = used
+        self.slot_order.copy_(order.to(self.slot_order.device))
+        self._packed = bool(torch.equal(used, torch.arange(used.numel())))
 
-    def _assign(self, grown) -> None:
-        """Take free slots for ranks [lo, hi) of (expert, projection) and write the init."""
+    def _write_init(self, grown) -> None:
+        """Write the init of ranks [lo, hi) of (expert, projection) into their slots (already in
+        the table): A-rows of the dense bank's draw, B zero."""
         writes = {id(self.slots_hidden): [], id(self.slots_ffn): []}
         for e, j, lo, hi in grown:
             name = self.projection_names[j]
-            slots, self._free = self._free[:hi - lo], self._free[hi - lo:]
-            self._table[e, j, lo:hi] = torch.tensor(slots, dtype=torch.int64)
+            slots = self._table[e, j, lo:hi].tolist()
             a_rows = self.init_rows(e, name)[lo:hi]
             a_side, b_side = self.side(name, "A"), self.side(name, "B")
             writes[id(a_side)].append((slots, a_rows))
@@ -231,18 +286,28 @@ class PooledLoRABank(LocalExpertAdapters):
         b_rows = b_side.index_select(0, index).view(num_local, width, b_side.shape[1])
         return a, b_rows.transpose(1, 2).contiguous()
 
-    def expert_factors(self, projection: str):
-        """Per local expert, (A [r_e, k], B [d, r_e]) of its active ranks only, for the
-        per-expert loop: one gather of exactly the active slots per side (sized like uniform
-        LoRA's factors, not padded to the widest rank) split by the host ranks; B is a
-        transposed view of the gathered rows (no copy)."""
-        j = self.projection_names.index(projection)
-        sizes = self.ranks_of(projection)
-        index = self.active_slots[j].narrow(0, 0, sum(sizes))
-        a_side, b_side = self.side(projection, "A"), self.side(projection, "B")
-        a_rows = a_side.index_select(0, index).split(sizes)
-        b_rows = b_side.index_select(0, index).split(sizes)
-        return list(a_rows), [rows.t() for rows in b_rows]
+    def expert_views(self):
+        """{(projection, 'A' | 'B'): per local expert A [r_e, k] / B [d, r_e]} of the active
+        ranks only, for the per-expert loop: one `split` per pool parameter into every
+        (expert, projection)'s rows, views of the parameter itself when the layout is packed
+        (else of one gather of the active slots in packed order, `slot_order`); B is a
+        transposed view. The split sizes are the host ranks: no device read."""
+        sizes = [r for row in self._ranks_list for r in row]  # expert, projection
+        used = sum(sizes)
+        chunks = {}
+        for param in (self.slots_hidden, self.slots_ffn):
+            if self._packed:  # the free tail is the last chunk (one backward node)
+                chunks[id(param)] = param.split(sizes + [self.capacity - used])[:len(sizes)]
+            else:
+                chunks[id(param)] = param.index_select(
+                    0, self.slot_order.narrow(0, 0, used)).split(sizes)
+        P = len(self.projection_names)
+        views = {}
+        for j, name in enumerate(self.projection_names):
+            a = chunks[id(self.side(name, "A"))][j::P]
+            b = chunks[id(self.side(name, "B"))][j::P]
+            views[name, "A"], views[name, "B"] = list(a), [rows.t() for rows in b]
+        return views
 
     # --- dense views (checkpoints, export, tests, benchmarks) --------------------------------
     def dense_from(self, projection: str, which: str, pool: Dict[str, torch.Tensor],

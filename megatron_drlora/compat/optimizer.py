@@ -1,4 +1,5 @@
-"""Write rows of a parameter into the optimizer's own copy of it (`write_param_rows`).
+"""Write or move rows of a parameter in the optimizer's own copy of it (`write_param_rows`,
+`move_param_rows`).
 
 Why: the pooled bank (`--drlora-rank-pool`) writes a rank's init into a free slot when it
 grows. An optimizer that keeps its own main copy would otherwise overwrite the write at its
@@ -6,7 +7,8 @@ next step: Megatron's mixed-precision optimizers keep fp32 main params for bf16/
 (`param.main_param`), the distributed optimizer keeps fp32 main *shards* (flat ranges of the
 param this data-parallel rank owns), fp32 params without the distributed optimizer are their
 own main, and a ChainedOptimizer wraps several of these. A new slot also starts with zero
-optimizer state (a fresh rank's moments, like the dense bank's never-trained ranks).
+optimizer state (a fresh rank's moments, like the dense bank's never-trained ranks). When the
+pool repacks its slots at a rank change, the main copy and the states move with the rows.
 
 Where the mapping lives differs across megatron-core versions; it is read here only.
 """
@@ -116,3 +118,87 @@ def write_param_rows(optimizer, param: torch.Tensor, rows: torch.Tensor,
         for key, state in states.items():
             if torch.is_tensor(state) and state.dim() > 0 and key != "step":
                 _write(state, start, index, None)
+
+
+def _move_rows(full: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """full [S, width] with row i replaced by old row source[i] (zero where source < 0)."""
+    index = source.clamp(min=0).to(full.device)
+    keep = (source >= 0).to(full.device).unsqueeze(1)
+    return torch.where(keep, full.index_select(0, index), torch.zeros((), dtype=full.dtype,
+                                                                      device=full.device))
+
+
+def _state_tensors(tensors: Dict) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items()
+            if torch.is_tensor(v) and v.dim() > 0 and k != "step"}
+
+
+def _distributed_buffer(leaf, param: torch.Tensor):
+    """The grad buffer of a DistributedOptimizer leaf that holds `param` (None: another
+    leaf's). Its `model_param_gbuf_map` only lists the params with a shard on this rank."""
+    for buffer in getattr(leaf, "buffers", []):
+        if param in buffer.param_index_map:
+            return buffer
+    return None
+
+
+def _move_distributed(leaf, buffer, param: torch.Tensor, source: torch.Tensor) -> None:
+    """Megatron's DistributedOptimizer: the main copy and states of `param` are flat shards
+    spread over the optimizer's data-parallel group, and a moved row may come from another
+    rank's shard. Every rank of the group (holding a shard of `param` or not: the calls are
+    collective) rebuilds each whole tensor by one all-reduce of zero-padded shards, moves the
+    rows and keeps its own range, over the group that shards `buffer`. Growth events only."""
+    _refuse_unsupported(leaf)
+    held = param in getattr(leaf, "model_param_group_index_map", {})
+    # the same tensor kinds and dtypes on every rank: read from a param this rank holds
+    example = next(iter(getattr(leaf, "model_param_group_index_map", {})), None)
+    if example is None:
+        raise UnsupportedOptimizer("--drlora-rank-pool: this data-parallel rank holds no shard "
+                                   "of any parameter of the distributed optimizer")
+    kinds = _state_tensors(dict(leaf._get_main_param_and_optimizer_states(example)))
+    mine = _state_tensors(dict(leaf._get_main_param_and_optimizer_states(param))) if held else {}
+    start = leaf._get_model_param_range_map(param)["param"].start if held else 0
+    # An fp32 param is its own main: the "main shard" is a view of the param, which the
+    # caller has moved already. Decided by dtype, the same on every rank (a collective
+    # follows); a rank holding a shard checks the rule against the storage.
+    if kinds["param"].dtype == param.dtype:
+        kinds.pop("param")
+        main = mine.pop("param", None)
+        if main is not None and main.untyped_storage().data_ptr() != \
+                param.untyped_storage().data_ptr():
+            raise UnsupportedOptimizer("--drlora-rank-pool: the distributed optimizer keeps a "
+                                       "separate main copy of a parameter of its own dtype")
+    for key in sorted(kinds):
+        full = torch.zeros(param.numel(), dtype=kinds[key].dtype, device=kinds[key].device)
+        shard = mine.get(key)
+        if shard is not None:
+            full[start:start + shard.numel()] = shard.view(-1)
+        torch.distributed.all_reduce(full, group=buffer.data_parallel_group)
+        if shard is not None:
+            moved = _move_rows(full.view(param.shape[0], -1), source).view(-1)
+            shard.view(-1).copy_(moved[start:start + shard.numel()])
+
+
+@torch.no_grad()
+def move_param_rows(optimizer, param: torch.Tensor, source: torch.Tensor) -> None:
+    """Row i of `param`'s main copy and optimizer states (dim 0) becomes old row `source[i]`,
+    zero where `source[i] < 0`: the pooled bank repacks its slots at a rank change and the
+    optimizer's copy must move with the parameter (which the caller moves itself). With
+    Megatron's distributed optimizer this is collective over its data-parallel group. A param
+    the optimizer does not hold is left alone."""
+    if optimizer is None:
+        return
+    source = source.to(torch.int64).cpu()
+    for leaf in _leaves(optimizer):
+        if hasattr(leaf, "model_param_gbuf_map"):  # Megatron's DistributedOptimizer
+            buffer = _distributed_buffer(leaf, param)
+            if buffer is not None:
+                _move_distributed(leaf, buffer, param, source)
+            continue
+        found = _targets(leaf, param)
+        if found is None:
+            continue
+        main, _, states = found
+        for tensor in ([main] if main is not None else []) + list(_state_tensors(states).values()):
+            full = tensor.view(param.shape[0], -1)
+            full.copy_(_move_rows(full, source))
