@@ -90,12 +90,15 @@ def settings(args) -> Dict:
 def build(mega, s):
     from megatron_drlora import DRLoRAConfig
 
-    ref = ms.build_variant(mega, REFERENCE, DRLoRAConfig(budget=s["r_target"], method="uniform"))
+    # plain LoRA: every expert's factors at its fixed rank (the dense bank)
+    ref = ms.build_variant(mega, REFERENCE, DRLoRAConfig(budget=s["r_target"], method="uniform",
+                                                         rank_pool=False))
     rmax = ms.build_variant(mega, "uniform_r_max", DRLoRAConfig(budget=s["r_max"],
-                                                                method="uniform"), base=ref)
+                                                                method="uniform",
+                                                                rank_pool=False), base=ref)
     dr = ms.build_variant(mega, "drlora", DRLoRAConfig(budget=s["r_target"], r_init=s["r_init"],
                                                        r_max=s["r_max"],
-                                                       rank_pool=s.get("rank_pool", False)),
+                                                       rank_pool=s.get("rank_pool", True)),
                           base=ref)
     return [ref, rmax, dr]
 
@@ -317,7 +320,8 @@ def format_report(r: Dict) -> str:
              f"experts top-{s['moe_router_topk']}, expert ffn {s['moe_ffn_hidden_size']}, ranks "
              f"{s['r_init']}/{s['r_target']}/{s['r_max']}), {r['device']}, {r['dtype']}, "
              f"{r['experts']}, megatron-core {r['megatron_version']}, "
-             f"{'--drlora-rank-pool, ' if s.get('rank_pool') else ''}{r['tokens_per_step']} "
+             f"{'rank pool' if s.get('rank_pool', True) else '--no-drlora-rank-pool'}, "
+             f"{r['tokens_per_step']} "
              f"tokens/step ({s['micro_batches']} micro-batch(es)), median of {r['reps']} "
              f"interleaved repetitions x {r['steps_per_rep']} step(s)", "",
              "| variant | mean rank (min-max) | ms/step | fwd+bwd / finalize / saliency / "
@@ -403,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "there)")
     p.add_argument("--megatron-args", default="", metavar="'FLAGS'",
                    help="more Megatron-LM flags, e.g. '--use-distributed-optimizer'")
-    p.add_argument("--rank-pool", action="store_true",
-                   help="DR-LoRA with --drlora-rank-pool (rank slots sized by the budget)")
+    p.add_argument("--rank-pool", action=argparse.BooleanOptionalAction, default=True,
+                   help="DR-LoRA with the rank pool (the default; --no-rank-pool: the dense "
+                        "bank, --no-drlora-rank-pool); uniform LoRA is always the dense bank")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verbose", action="store_true")

@@ -85,12 +85,15 @@ class DRLoRAConfig:
                                     "starts from it and never grows; every layer (global "
                                     "allocation: the model) must fit the budget.",
                                     cli="rank-map")
-    rank_pool: bool = _opt(False, "Hold each MoE layer's LoRA ranks in a pool of rank slots "
-                           "sized by the budget instead of every expert at r_max: adapter "
-                           "memory ~uniform LoRA at r_target at EP=1 with layer allocation "
-                           "(opt-in; see docs/design.md).")
+    rank_pool: bool = _opt(True, "Hold each MoE layer's LoRA ranks in a pool of rank slots "
+                           "sized by the budget (the default): adapter memory uniform LoRA at "
+                           "r_target at EP=1 with layer allocation. --no-drlora-rank-pool "
+                           "(rank_pool: false) gives every expert its factors at r_max instead "
+                           "(the dense bank: uniform LoRA at r_max's memory; needed for "
+                           "--use-precision-aware-optimizer, --optimizer-cpu-offload and to "
+                           "resume a dense bank's checkpoint). See docs/design.md.")
     rank_pool_capacity: Optional[float] = _opt(
-        None, "With --drlora-rank-pool: each expert-parallel rank's pool holds at most this "
+        None, "With the rank pool: each expert-parallel rank's pool holds at most this "
         "many times its experts' share of uniform LoRA at r_target (>= 1, e.g. 1.1) and growth "
         "never gives one rank's experts of a layer more ranks than that: bounds adapter memory "
         "at EP > 1, where an unbounded pool may need up to r_max per module; the allocation "
@@ -198,7 +201,8 @@ class DRLoRAConfig:
                 bad("rank_pool_capacity", f"must be a number >= 1 (the pool must hold at least "
                     f"its share of the budget), got {self.rank_pool_capacity!r}")
             if not self.rank_pool:
-                bad("rank_pool_capacity", "sizes the rank pool: add --drlora-rank-pool")
+                bad("rank_pool_capacity", "sizes the rank pool, which --no-drlora-rank-pool "
+                    "turns off: drop one of the two")
             if self.rank_map is not None:
                 bad("rank_pool_capacity", "a fixed --drlora-rank-map sizes the pool by its own "
                     "sum and never grows: drop one of the two")
@@ -292,7 +296,7 @@ class DRLoRAConfig:
                 f"p_grow={self.p_grow} T_grow={self.grow_interval} T_buffer={self.grow_buffer}"
                 f" shared_experts={self.shared_experts}"
                 f"{' rank_map=fixed (no growth)' if self.rank_map is not None else ''}"
-                f"{' rank_pool' if self.rank_pool else ''}"
+                f"{' rank_pool' if self.rank_pool else ' dense_bank'}"
                 f"{self._capacity_text()}")
 
     def _capacity_text(self) -> str:
@@ -335,9 +339,12 @@ def add_drlora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for f in fields(DRLoRAConfig):
         flag = f"--drlora-{f.metadata.get('cli', f.name.replace('_', '-'))}"
         kw = dict(dest=f"drlora_{f.name}", default=None, help=f.metadata["help"])
-        if f.name == "rank_pool":  # a switch: given means on
-            kw.pop("default")
-            kw.update(action="store_const", const=True, default=None)
+        if f.name == "rank_pool":  # on by default; --no-drlora-rank-pool turns it off
+            kw.update(action="store_const", const=True,
+                      help="Hold the ranks in a pool of rank slots (the default).")
+            group.add_argument(f"--no-drlora-{f.name.replace('_', '-')}", dest=kw["dest"],
+                               action="store_const", const=False, default=None,
+                               help=f.metadata["help"])
         elif f.name == "targets":
             kw["type"] = lambda s: tuple(t.strip() for t in s.split(",") if t.strip())
             kw["metavar"] = "PROJ[,PROJ]"

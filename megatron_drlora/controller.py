@@ -84,7 +84,7 @@ class DRLoRAController:
     def __init__(self, handle, train_iters: int, warmup_iters: Optional[int] = 0,
                  ddp_models=None, rank_map: Optional[torch.Tensor] = None):
         """`rank_map`: the map the adapters are at (a loaded checkpoint's) instead of the
-        initial one. With --drlora-rank-pool that matters: a pooled bank set back to r_init
+        initial one. With the rank pool that matters: a pooled bank set back to r_init
         frees the slots above it and a later grow starts them from their init, while a dense
         bank keeps every rank's values whatever its active rank."""
         self.handle = handle
@@ -114,7 +114,7 @@ class DRLoRAController:
                                                             list(self.handle.lora_parameters()))
 
     def attach_optimizer(self, optimizer) -> None:
-        """The optimizer that trains the adapters. Needed with --drlora-rank-pool when it keeps
+        """The optimizer that trains the adapters. Needed with the rank pool when it keeps
         its own copy of them (Megatron's mixed-precision and distributed optimizers: fp32 main
         params; any optimizer's states): a grown rank's init is written there too and the
         new slot's optimizer state zeroed (compat.optimizer.write_param_rows), and at every
@@ -123,8 +123,13 @@ class DRLoRAController:
         gathering. Megatron-LM's loop attaches its optimizer itself; a torch optimizer over
         fp32 adapters may be left unattached (grown ranks then take free slots, nothing
         moves, and the forward gathers the active slots)."""
-        from megatron_drlora.compat.optimizer import move_param_rows, write_param_rows
+        from megatron_drlora.compat.optimizer import (check_pool_optimizer, move_param_rows,
+                                                      write_param_rows)
 
+        check_pool_optimizer(optimizer, [p for layer in self.handle.layers
+                                         if getattr(layer.bank, "pooled", False)
+                                         for p in (layer.bank.slots_hidden,
+                                                   layer.bank.slots_ffn)])
         for layer in self.handle.layers:
             if getattr(layer.bank, "pooled", False):
                 bank = layer.bank

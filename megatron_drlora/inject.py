@@ -112,12 +112,7 @@ class DRLoRAModel:
         """r_init everywhere, or the fixed map of --drlora-rank-map (checked against the model)."""
         if self.config.rank_map is None:
             return torch.full(self.rank_map_shape(), self.config.rank_init, dtype=torch.int64)
-        rank_map = torch.tensor(self.config.rank_map, dtype=torch.int64)
-        if tuple(rank_map.shape) != self.rank_map_shape():
-            raise DRLoRAInjectionError(
-                f"--drlora-rank-map has shape {tuple(rank_map.shape)} but this model needs "
-                f"{self.rank_map_shape()} (MoE layers, experts, target projections)")
-        return rank_map
+        return fixed_rank_map(self.config, self.rank_map_shape())
 
     def growth_group_capacity(self) -> Optional[Tuple[int, int]]:
         """(experts per EP rank, rank slots per layer of each rank's pool) when
@@ -247,6 +242,16 @@ def _iter_transformer_layers(chunk: torch.nn.Module):
     return list(decoder.layers)
 
 
+def fixed_rank_map(config: DRLoRAConfig, shape) -> torch.Tensor:
+    """--drlora-rank-map as a tensor, refused unless it has this model's shape."""
+    rank_map = torch.tensor(config.rank_map, dtype=torch.int64)
+    if tuple(rank_map.shape) != tuple(shape):
+        raise DRLoRAInjectionError(
+            f"--drlora-rank-map has shape {tuple(rank_map.shape)} but this model needs "
+            f"{tuple(shape)} (MoE layers, experts, target projections)")
+    return rank_map
+
+
 def apply_drlora(model, config: DRLoRAConfig, log: Optional[Callable[[str], None]] = None,
                  legacy_gmm=None) -> DRLoRAModel:
     """Freeze the base, install DR-LoRA on every routed expert, and return a handle.
@@ -266,6 +271,8 @@ def apply_drlora(model, config: DRLoRAConfig, log: Optional[Callable[[str], None
     moe_layer_numbers = [i for i, is_moe in enumerate(pattern) if is_moe]
     moe_index_of = {layer: i for i, layer in enumerate(moe_layer_numbers)}
     num_experts = int(model_config.num_moe_experts)
+    if config.rank_map is not None:  # before any layer is sized by it (the rank pool)
+        fixed_rank_map(config, (len(moe_layer_numbers), num_experts, len(config.targets)))
 
     for chunk in chunks:
         for param in chunk.parameters():

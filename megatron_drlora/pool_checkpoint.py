@@ -1,4 +1,4 @@
-"""Checkpoints of pooled banks (`--drlora-rank-pool`) in the dense bank's format.
+"""Checkpoints of pooled banks (the rank pool, the default) in the dense bank's format.
 
 Why: exports, the checkpoint readers and cross-layout resume know one on-disk format, the dense
 factors `drlora.layers.{layer}.{proj}_{A|B}` (A [E, r_max, k], B [E, d, r_max], experts sharded
@@ -15,9 +15,10 @@ states as zeros.
 On load the saved table is used as it is when it fits this pool (same layout: the distributed
 optimizer's default `dp_reshardable` format keeps its states in the saved slot order, so the
 model must too); otherwise (another EP size, another capacity) the ranks it implies are packed
-canonically (expert-major, projection, rank), the same way by every factory, so parameters and
-optimizer states stay aligned. A dense bank's checkpoint (no table) cannot be loaded into a
-pooled run (Megatron-LM's entry refuses it at start-up); the other direction works. The distributed
+(`adapters.pool.packed_table`: expert, projection, rank), the same way by every factory, so
+parameters and optimizer states stay aligned. A pool that repacks at rank changes (an
+optimizer attached) saves packed tables, so its loads keep the sliced forward. A dense bank's checkpoint (no table) cannot be loaded into a
+pooled run (Megatron-LM's entry refuses it at start-up, naming --no-drlora-rank-pool); the other direction works. The distributed
 optimizer's `fully_sharded_model_space` format (flattened factories) is refused by name.
 """
 
@@ -26,6 +27,8 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
+
+from megatron_drlora.adapters.pool import packed_table
 
 _SIDES = ("slots_hidden", "slots_ffn")
 
@@ -52,21 +55,14 @@ def resolve_table(bank, loaded: torch.Tensor) -> torch.Tensor:
     if int(ranks.sum()) > bank.capacity:
         raise PoolCheckpointError(
             f"layer {bank.layer}: the checkpoint's ranks need {int(ranks.sum())} rank slots on "
-            f"this rank but the pool (--drlora-rank-pool) holds {bank.capacity}; load it "
-            f"without --drlora-rank-pool or with fewer experts per rank")
+            f"this rank but the rank pool holds {bank.capacity}; load it with "
+            f"--no-drlora-rank-pool or with fewer experts per rank")
     prefix = torch.arange(bank.r_max) < ranks.unsqueeze(-1)
     used = loaded[prefix]
     if (bool(((loaded >= 0) == prefix).all()) and bool((used < bank.capacity).all())
             and used.unique().numel() == used.numel()):
         return loaded
-    table = torch.full_like(loaded, -1)
-    start = 0
-    for e in range(loaded.shape[0]):
-        for j in range(loaded.shape[1]):
-            r = int(ranks[e, j])
-            table[e, j, :r] = torch.arange(start, start + r)
-            start += r
-    return table
+    return packed_table(ranks, loaded.shape[-1])
 
 
 def _fill_inactive_init(bank, name: str, dense: torch.Tensor) -> None:
@@ -98,10 +94,10 @@ def pooled_sharded_state_dict(bank, edp_rank: int) -> Dict:
                   sharded=sharded):
             if flattened_range is not None:
                 raise PoolCheckpointError(
-                    "--drlora-rank-pool cannot save the distributed optimizer's "
+                    "the rank pool cannot save the distributed optimizer's "
                     "fully_sharded_model_space format (flattened optimizer shards of a pool "
                     "are not dense factors); use Megatron-LM's default (dp_reshardable) or "
-                    "--dist-ckpt-optim-fully-reshardable, or drop --drlora-rank-pool")
+                    "--dist-ckpt-optim-fully-reshardable, or pass --no-drlora-rank-pool")
             built = {}
             is_param = data.data_ptr() == getattr(bank, side).data_ptr()
             for name, which in entries:

@@ -128,8 +128,8 @@ def assert_same_run(reference, run, tmp):
     last = f"iter_{ref_events[-1]['iteration'] + 2:07d}"
     ref_ckpt, got_ckpt = read_checkpoint(reference / last, tmp), read_checkpoint(run / last, tmp)
     for key, ref_t in ref_ckpt["tensors"].items():
-        if key.startswith("optimizer."):
-            continue
+        if key.startswith("optimizer.") or ".pool_table_" in key:
+            continue  # a rank pool's slot numbers are per layout (each EP rank numbers its own)
         scale = ref_t.abs().max().item()
         assert torch.allclose(got_ckpt["tensors"][key].float(), ref_t.float(), rtol=0,
                               atol=1e-4 * scale), key

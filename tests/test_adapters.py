@@ -10,7 +10,10 @@ from megatron_drlora import DRLoRAConfig
 from megatron_drlora.adapters.bank import ExpertLoRABank
 from megatron_drlora.adapters import experts as attach
 from megatron_drlora.inject import DRLoRAInjectionError, apply_drlora, projection_specs
-from tests.tiny import CPUGroupedLinear, batch, build, grown_rank_map, randomize_adapters, tiny_args
+from tests.tiny import (CPUGroupedLinear, batch, build, dense_grads, grown_rank_map,
+                        randomize_adapters, tiny_args)
+
+BANKS = pytest.mark.parametrize("rank_pool", [True, False], ids=["pool", "dense"])
 
 pytestmark = pytest.mark.usefixtures("megatron_single")
 
@@ -40,8 +43,8 @@ def _dense_experts_reference(experts, bank, x, counts, probs, gated=True):
         half = w1.shape[0] // 2
         for name in bank.projection_names:
             r = bank.rank(e, name)
-            delta = bank.scale * (bank.factor(name, "B")[e, :, :r].double()
-                                  @ bank.factor(name, "A")[e, :r].double())
+            delta = bank.scale * (bank.dense_factor(name, "B")[e, :, :r].double()
+                                  @ bank.dense_factor(name, "A")[e, :r].double())
             if name == "up" and not gated:
                 w1 += delta
             elif name == "up":
@@ -56,10 +59,11 @@ def _dense_experts_reference(experts, bank, x, counts, probs, gated=True):
     return torch.cat(outs)
 
 
+@BANKS
 @pytest.mark.parametrize("targets", [("up", "down"), ("gate", "up", "down"), ("down",)])
-def test_sequential_experts_match_dense_reference(targets):
+def test_sequential_experts_match_dense_reference(targets, rank_pool):
     args = tiny_args()
-    chunks, handle = build(args, DRLoRAConfig(budget=8, targets=targets))
+    chunks, handle = build(args, DRLoRAConfig(budget=8, targets=targets, rank_pool=rank_pool))
     randomize_adapters(handle)
     handle.set_rank_map(grown_rank_map(handle))
     layer = handle.layers[0]
@@ -74,9 +78,10 @@ def test_sequential_experts_match_dense_reference(targets):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_non_gated_mlp_reference_and_gate_refused():
+@BANKS
+def test_non_gated_mlp_reference_and_gate_refused(rank_pool):
     args = tiny_args(swiglu=False)
-    chunks, handle = build(args, DRLoRAConfig(budget=8))
+    chunks, handle = build(args, DRLoRAConfig(budget=8, rank_pool=rank_pool))
     randomize_adapters(handle)
     layer = handle.layers[0]
     counts = torch.tensor([3, 0, 2, 4])
@@ -186,13 +191,16 @@ def test_legacy_grouped_mlp_matches_dense_reference(monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_inactive_ranks_get_zero_grad_active_ones_do_not():
+@BANKS
+def test_inactive_ranks_get_zero_grad_active_ones_do_not(rank_pool):
+    """(A pooled bank holds no inactive rank: its dense view is zero there by construction;
+    what it checks there is that every active rank of a routed expert gets a gradient.)"""
     args = tiny_args()
-    chunks, handle = build(args, DRLoRAConfig(budget=8))
-    randomize_adapters(handle)
+    chunks, handle = build(args, DRLoRAConfig(budget=8, rank_pool=rank_pool))
     rank_map = grown_rank_map(handle)
     rank_map[0, 1] = 0
     handle.set_rank_map(rank_map)
+    randomize_adapters(handle)  # after: a pooled rank grown from r_init starts with B = 0
     tokens, pos, labels = batch(args, batch_size=4)
     loss = chunks[0](tokens, pos, None, labels=labels).float().mean()
     loss.backward()
@@ -200,7 +208,8 @@ def test_inactive_ranks_get_zero_grad_active_ones_do_not():
     for layer in handle.layers:
         bank = layer.bank
         for j, name in enumerate(bank.projection_names):
-            ga, gb = bank.factor(name, "A").grad, bank.factor(name, "B").grad
+            grads = dense_grads(bank)
+            ga, gb = grads[name, "A"], grads[name, "B"]
             for e in range(4):
                 r = int(rank_map[layer.moe_index, e, j])
                 assert torch.count_nonzero(ga[e, r:]) == 0
@@ -256,11 +265,13 @@ def test_no_moe_model_is_refused():
         chunks[0].config.num_moe_experts = 4
 
 
-def test_trainable_parameters_are_adapters_and_router_only():
+@BANKS
+def test_trainable_parameters_are_adapters_and_router_only(rank_pool):
     args = tiny_args()
-    chunks, handle = build(args, DRLoRAConfig(budget=8))
+    chunks, handle = build(args, DRLoRAConfig(budget=8, rank_pool=rank_pool))
     names = [n for n, p in chunks[0].named_parameters() if p.requires_grad]
     assert all(".drlora." in n or ".router." in n for n in names)
-    assert sum(".drlora." in n for n in names) == 2 * 4  # 2 layers x (up, down) x (A, B)
+    # 2 layers x (up, down) x (A, B), or 2 layers x (slots_hidden, slots_ffn)
+    assert sum(".drlora." in n for n in names) == (2 * 2 if rank_pool else 2 * 4)
     chunks, handle = build(args, DRLoRAConfig(budget=8, router="frozen"))
     assert not any(".router." in n for n, p in chunks[0].named_parameters() if p.requires_grad)

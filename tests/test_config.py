@@ -43,7 +43,8 @@ def test_paper_defaults():
     (dict(budget=16, grow_interval=0), "'grow_interval' (--drlora-grow-interval)"),
     (dict(budget=16, rank_pool=True, rank_pool_capacity=0.9),
      "'rank_pool_capacity' (--drlora-rank-pool-capacity): must be a number >= 1"),
-    (dict(budget=16, rank_pool_capacity=1.1), "add --drlora-rank-pool"),
+    (dict(budget=16, rank_pool=False, rank_pool_capacity=1.1),
+     "which --no-drlora-rank-pool turns off"),
     (dict(budget=2, r_init=1, r_max=4, p_grow=0.5, rank_pool=True, rank_pool_capacity=1.1,
           rank_map=[[[2, 2]]]), "a fixed --drlora-rank-map sizes the pool"),
 ])

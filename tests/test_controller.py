@@ -55,8 +55,7 @@ def test_router_frozen_during_warmup_then_trained():
     before = [p.detach().clone() for p in routers]
     _train(chunks, controller, 3)
     assert all(torch.equal(b, p) for b, p in zip(before, routers)), "router moved in warm-up"
-    lora_moved = any(torch.count_nonzero(p) for p in
-                     (l.bank.factor("up", "B") for l in handle.layers))
+    lora_moved = any(torch.count_nonzero(l.bank.dense_factor("up", "B")) for l in handle.layers)
     assert lora_moved
     _train(chunks, controller, 2, seed=100, start=3)
     assert any(not torch.equal(b, p) for b, p in zip(before, routers)), "router never trained"
@@ -140,7 +139,7 @@ def test_skipped_or_nonfinite_step_leaves_the_saliency_untouched_but_events_stil
     assert all(torch.equal(before[k], after[k]) for k in ("frequency", "updates"))
     # non-finite statistics (an inf gradient): dropped with the EMAs unchanged
     _one_step(chunks, controller, 2)
-    handle.layers[0].bank.factor("up", "A").grad.view(-1)[0] = float("inf")
+    next(handle.layers[0].bank.parameters()).grad.view(-1)[0] = float("inf")
     controller.collect(2)
     snapshot = {k: v.clone() for k, v in controller.saliency.state_dict().items()}
     report = controller.finish(2, stepped=True)

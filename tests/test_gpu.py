@@ -116,7 +116,8 @@ def test_drlora_hot_path_makes_no_cuda_sync(megatron_gpu, rank_pool):
 def test_rank_pool_equals_the_dense_bank_on_gpu(megatron_gpu, dtype):
     """The pooled bank's gathers on the device give the dense bank's loss and gradients
     (TE grouped experts when Transformer Engine is there, SequentialMLP otherwise)."""
-    from tests.test_rank_pool import RANKS, _dense_grads
+    from tests.test_rank_pool import RANKS
+    from tests.tiny import dense_grads
     from tests.tiny import batch, build, randomize_adapters, tiny_args
 
     args = tiny_args(bf16=dtype == torch.bfloat16, moe_grouped_gemm=have_transformer_engine())
@@ -129,7 +130,7 @@ def test_rank_pool_equals_the_dense_bank_on_gpu(megatron_gpu, dtype):
         tokens, pos, labels = (t.cuda() for t in batch(args, batch_size=4))
         loss = model(tokens, pos, None, labels=labels).float().mean()
         loss.backward()
-        results.append((loss.detach(), [_dense_grads(l.bank) for l in handle.layers]))
+        results.append((loss.detach(), [dense_grads(l.bank) for l in handle.layers]))
     (loss_d, grads_d), (loss_p, grads_p) = results
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(float(loss_p) - float(loss_d)) <= tol * abs(float(loss_d))

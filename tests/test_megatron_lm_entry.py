@@ -38,7 +38,8 @@ def test_reference_grows_at_planned_steps_and_saves_only_what_trains(reference, 
     keys = set(ckpt["tensors"])
     model_keys = {k for k in keys if not k.startswith("optimizer.")}
     assert model_keys == {f"drlora.layers.{l}.{p}_{w}" for l in (0, 1) for p in ("up", "down")
-                          for w in "AB"} | {"decoder.layers.mlp.router.weight"}
+                          for w in "AB"} | {"decoder.layers.mlp.router.weight"} | {
+        f"drlora.layers.{l}.pool_table_{side}" for l in (0, 1) for side in ("hidden", "ffn")}
     assert any(k.startswith("optimizer.state.exp_avg.drlora.") for k in keys)
     assert torch.equal(ckpt["drlora"]["rank_map"], final)
     assert ckpt["drlora"]["settings"]["t_warmup"] == 2
@@ -93,6 +94,8 @@ def test_checkpoint_loads_in_another_layout(source, work, base):
     got = read_checkpoint(copy / "iter_0000008", work)
     assert torch.equal(want["drlora"]["rank_map"], got["drlora"]["rank_map"])
     for key, ref_t in want["tensors"].items():
+        if ".pool_table_" in key:
+            continue  # slot numbers are per layout (each EP rank numbers its own pool)
         scale = ref_t.abs().max().item()
         assert torch.allclose(got["tensors"][key], ref_t, rtol=0, atol=1e-4 * scale), key
 

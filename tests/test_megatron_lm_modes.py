@@ -120,7 +120,8 @@ def test_distributed_optimizer_resume_is_bitwise_identical(bank, work, base):
     come back from the checkpoint's sharded optimizer state. On CPU (no Apex/Transformer
     Engine) this needs compat.cpu's distributed-optimizer patches: without them every such
     resume failed while loading, and then resumed with Adam's step reset to 0."""
-    distopt = ["--use-distributed-optimizer"] + (["--drlora-rank-pool"] if bank == "pool" else [])
+    distopt = ["--use-distributed-optimizer"] + (["--drlora-rank-pool"] if bank == "pool"
+                                                 else ["--no-drlora-rank-pool"])
     full = drlora_run(work, base, f"distopt_{bank}", 2, distopt)
     part = drlora_run(work, base, f"distopt_{bank}_resumed", 2, distopt, stop_at=3)
     _assert_resumed_bitwise(full, part, work)
@@ -157,6 +158,7 @@ def test_deepseek_style_moe_adapts_routed_experts_and_keeps_the_expert_bias(work
     model_keys = {k for k in tensors if not k.startswith("optimizer.")}
     biases = {f"decoder.layers.{l}.mlp.router.expert_bias" for l in (1, 2)}
     assert model_keys == {f"drlora.layers.{l}.{p}_{w}" for l in (1, 2) for p in ("up", "down")
-                          for w in "AB"} | biases
+                          for w in "AB"} | biases | {
+        f"drlora.layers.{l}.pool_table_{side}" for l in (1, 2) for side in ("hidden", "ffn")}
     for key in biases:  # moved by Megatron's aux-loss-free update from the base's zeros
         assert tensors[key].abs().max() > 0, key

@@ -21,7 +21,8 @@ from megatron_drlora.compat.optimizer import move_param_rows
 from megatron_drlora.controller import DRLoRAController
 from megatron_drlora.inject import projection_specs
 from megatron_drlora.statistics import local_sensitivity
-from tests.tiny import CPUGroupedLinear, batch, build, randomize_adapters, tiny_args
+from tests.tiny import (CPUGroupedLinear, batch, build, dense_grads, randomize_adapters,
+                        tiny_args)
 
 pytestmark = pytest.mark.usefixtures("megatron_single")
 
@@ -54,19 +55,6 @@ def _loss(model, args, seed=0):
     return model(tokens, pos, None, labels=labels).float().mean()
 
 
-def _dense_grads(bank):
-    """{(projection, A|B): dense gradient} of either bank (pooled: mapped through its table)."""
-    out = {}
-    for name in bank.projection_names:
-        for which in ("A", "B"):
-            if bank.pooled:
-                grads = {"slots_hidden": bank.slots_hidden.grad, "slots_ffn": bank.slots_ffn.grad}
-                out[name, which] = bank.dense_from(name, which, grads)
-            else:
-                out[name, which] = bank.factor(name, which).grad
-    return out
-
-
 def _assert_close_scaled(actual, expected, rel=1e-5):
     scale = expected.abs().max().clamp_min(1e-30)
     assert (actual.double() - expected.double()).abs().max() <= rel * scale, \
@@ -89,7 +77,7 @@ def test_pool_forward_backward_equal_dense_bank(targets, gated, packed):
     loss_p.backward()
     _assert_close_scaled(loss_p.detach(), loss_d.detach(), 1e-6)
     for ld, lp in zip(dense.layers, pool.layers):
-        gd, gp = _dense_grads(ld.bank), _dense_grads(lp.bank)
+        gd, gp = dense_grads(ld.bank), dense_grads(lp.bank)
         for key in gd:
             assert torch.count_nonzero(gd[key]) > 0
             _assert_close_scaled(gp[key], gd[key])
@@ -134,7 +122,7 @@ def test_grouped_hooks_pool_equal_dense_bank(ffn, r_max):
         half = h.shape[-1] // 2
         out, _ = experts.linear_fc2(F.silu(h[:, :half]) * h[:, half:] * probs[:, None], counts)
         out.backward(grad_out)
-        results.append((out.detach(), _dense_grads(bank)))
+        results.append((out.detach(), dense_grads(bank)))
     (out_d, grads_d), (out_p, grads_p) = results
     _assert_close_scaled(out_p, out_d, 1e-6)
     for key in grads_d:
@@ -390,3 +378,26 @@ def test_a_fixed_rank_map_gets_exactly_its_slots():
     assert [l.bank.capacity for l in models[1][1].layers] == [48, 54]
     losses = [_loss(model, args).detach() for model, _ in models]
     _assert_close_scaled(losses[1], losses[0], 1e-6)
+
+
+def test_an_optimizer_the_pool_cannot_reach_is_refused_when_attached():
+    """The precision-aware optimizer keeps its main params where DR-LoRA cannot write a grown
+    rank: refused when the optimizer is attached (before the first step), naming the flag and
+    the way out; the same optimizer without the flag is accepted."""
+    from megatron_drlora.compat.optimizer import UnsupportedOptimizer
+
+    args = tiny_args()
+    chunks, handle = build(args, DRLoRAConfig(budget=8, grow_interval=10, grow_buffer=0))
+    controller = DRLoRAController(handle, train_iters=100, warmup_iters=0)
+    params = [p for p in chunks[0].parameters() if p.requires_grad]
+    for flag, refused in ((True, True), (False, False)):
+        wrapped = types.SimpleNamespace(
+            optimizer=torch.optim.Adam(params),
+            config=types.SimpleNamespace(use_precision_aware_optimizer=flag))
+        if refused:
+            with pytest.raises(UnsupportedOptimizer,
+                               match="--use-precision-aware-optimizer.*--no-drlora-rank-pool"):
+                controller.attach_optimizer(wrapped)
+        else:
+            controller.attach_optimizer(wrapped)
+            assert handle.layers[0].bank.row_mover is not None

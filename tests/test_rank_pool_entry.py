@@ -1,6 +1,6 @@
 """--drlora-rank-pool inside Megatron-LM's loop (examples/pretrain_gpt.py, real processes).
 
-The reference is the same run with the dense bank: a pooled run must take the same growth
+The reference is the same run with the dense bank (--no-drlora-rank-pool): a pooled run must take the same growth
 decisions and end with the same trained tensors (the checkpoints are in the same format,
 read by tests/workers/read_checkpoint.py). Each pooled run is stopped and resumed, so the
 pooled checkpoint (model and optimizer state through dist_checkpointing factories) is loaded
@@ -20,12 +20,13 @@ from tests.train_flags import DRLORA, EVENTS, LAYOUTS, TINY
 
 pytestmark = pytest.mark.slow
 
-POOL = ["--drlora-rank-pool"]
+POOL = ["--drlora-rank-pool"]  # the default, named
+DENSE = ["--no-drlora-rank-pool"]
 
 
 @pytest.fixture(scope="module")
 def reference(work, base):
-    return drlora_run(work, base, "reference", 1, [])
+    return drlora_run(work, base, "reference_dense", 1, DENSE)
 
 
 def test_pooled_run_matches_the_dense_run(reference, work, base):
@@ -61,7 +62,7 @@ def test_pooled_ep2_checkpoint_resumes_in_one_process(pool_after, work, base):
     copy.mkdir()
     shutil.copytree(src / "iter_0000004", copy / "iter_0000004")
     (copy / "latest_checkpointed_iteration.txt").write_text("4")
-    proc = torchrun(1, TINY + DRLORA + (POOL if pool_after else [])
+    proc = torchrun(1, TINY + DRLORA + (POOL if pool_after else DENSE)
                     + ["--pretrained-checkpoint", str(base), "--save", str(copy), "--load",
                        str(copy)])
     assert "DR-LoRA state restored: average rank 3.00" in proc.stdout
@@ -146,7 +147,7 @@ def _assert_bf16_runs_match(dense, run, work, expect_main=True):
 
 
 def test_pooled_bf16_run_writes_grown_ranks_into_the_fp32_main_params(work, base):
-    dense = drlora_run(work, base, "bf16", 1, ["--bf16"])
+    dense = drlora_run(work, base, "bf16_dense", 1, ["--bf16"] + DENSE)
     run = drlora_run(work, base, "bf16_rank_pool", 1, ["--bf16"] + POOL, stop_at=3)
     _assert_bf16_runs_match(dense, run, work)
 
@@ -155,7 +156,7 @@ def test_pooled_bf16_run_writes_grown_ranks_into_the_distributed_main_shards(wor
     """DP2 with the distributed optimizer: each rank owns fp32 main shards (flat ranges that
     cut through slots) that a grown rank's init must reach."""
     flags = ["--bf16", "--use-distributed-optimizer"]
-    dense = drlora_run(work, base, "bf16_dp2_distopt", 2, flags)
+    dense = drlora_run(work, base, "bf16_dp2_distopt_dense", 2, flags + DENSE)
     run = drlora_run(work, base, "bf16_dp2_distopt_rank_pool", 2, flags + POOL)
     _assert_bf16_runs_match(dense, run, work, expect_main=False)
 
@@ -195,4 +196,6 @@ def test_a_dense_checkpoint_is_refused_by_a_pooled_run(reference, work, base):
     proc = torchrun(1, TINY + DRLORA + POOL + ["--pretrained-checkpoint", str(base), "--load",
                                                str(copy)], expect_ok=False)
     assert proc.returncode != 0
-    assert "written without --drlora-rank-pool" in proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "was written by the dense bank" in text and "resume it with --no-drlora-rank-pool" \
+        in text

@@ -65,10 +65,18 @@ def randomize_adapters(handle, seed: int = 7, scale: float = 0.05) -> None:
 
 
 def grown_rank_map(handle, seed: int = 3) -> torch.Tensor:
-    """A rank map with experts at different ranks in [1, r_max]."""
+    """A rank map with experts at different ranks in [1, r_max] that growth could reach: each
+    layer within its budget (experts x projections x r_target), which is what the rank pool
+    holds. Random ranks, scaled down where a layer's sum is over."""
     g = torch.Generator().manual_seed(seed)
     shape = handle.rank_map_shape()
-    return torch.randint(1, handle.config.rank_max + 1, shape, generator=g)
+    ranks = torch.randint(1, handle.config.rank_max + 1, shape, generator=g)
+    cap = shape[1] * shape[2] * handle.config.budget
+    for layer in ranks:
+        total = int(layer.sum())
+        if total > cap:
+            layer.copy_((layer * cap // total).clamp(min=1))
+    return ranks
 
 
 def save_adapter_checkpoint(root: str, iteration: int, chunks, handle, rank_map) -> str:
@@ -134,3 +142,19 @@ class CPUGroupedLinear(torch.nn.Module):
     def forward(self, x, m_splits):
         outs = [chunk @ self.weight[e].T for e, chunk in enumerate(torch.split(x, m_splits))]
         return torch.cat(outs), None
+
+
+def dense_grads(bank, attr: str = "grad"):
+    """{(projection, A|B): dense gradient [E, r_max, k] / [E, d, r_max]} of either bank (a
+    pooled one's mapped through its slot table, zero at inactive ranks); `attr` 'main_grad'
+    reads Megatron DDP's buffers."""
+    out = {}
+    for name in bank.projection_names:
+        for which in ("A", "B"):
+            if bank.pooled:
+                grads = {side: getattr(getattr(bank, side), attr)
+                         for side in ("slots_hidden", "slots_ffn")}
+                out[name, which] = bank.dense_from(name, which, grads)
+            else:
+                out[name, which] = getattr(bank.factor(name, which), attr)
+    return out

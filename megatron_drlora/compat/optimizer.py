@@ -1,7 +1,7 @@
 """Write or move rows of a parameter in the optimizer's own copy of it (`write_param_rows`,
 `move_param_rows`).
 
-Why: the pooled bank (`--drlora-rank-pool`) writes a rank's init into a free slot when it
+Why: the pooled bank (the rank pool, DR-LoRA's default) writes a rank's init into a free slot when it
 grows. An optimizer that keeps its own main copy would otherwise overwrite the write at its
 next step: Megatron's mixed-precision optimizers keep fp32 main params for bf16/fp16 params
 (`param.main_param`), the distributed optimizer keeps fp32 main *shards* (flat ranges of the
@@ -60,9 +60,9 @@ def _refuse_unsupported(optimizer) -> None:
                        ("optimizer_cpu_offload", "--optimizer-cpu-offload")):
         if getattr(config, attr, False):
             raise UnsupportedOptimizer(
-                f"--drlora-rank-pool cannot write a grown rank into the optimizer's copy of "
-                f"the adapters with {flag} (its main params and states live where DR-LoRA "
-                f"does not reach); drop {flag} or --drlora-rank-pool")
+                f"the rank pool cannot write a grown rank into the optimizer's copy of the "
+                f"adapters with {flag} (its main params and states live where DR-LoRA does "
+                f"not reach); drop {flag} or pass --no-drlora-rank-pool (the dense bank)")
 
 
 def _targets(optimizer, param) -> Optional[Tuple[Optional[torch.Tensor], int, Dict]]:
@@ -87,8 +87,11 @@ def _targets(optimizer, param) -> Optional[Tuple[Optional[torch.Tensor], int, Di
             return None, 0, dict(inner.state.get(param, {}))
         return None
     inner = getattr(optimizer, "optimizer", optimizer)  # FP32Optimizer or a torch optimizer
+    if inner is None:  # Megatron's placeholder for a param group with nothing to train
+        return None
     if not isinstance(inner, torch.optim.Optimizer):
-        raise UnsupportedOptimizer(f"--drlora-rank-pool: cannot find the parameters of a "
+        raise UnsupportedOptimizer(f"the rank pool (--no-drlora-rank-pool turns it off): "
+                                   f"cannot find the parameters of a "
                                    f"{type(optimizer).__name__}")
     if any(param is p for group in inner.param_groups for p in group["params"]):
         _refuse_unsupported(optimizer)
@@ -153,8 +156,9 @@ def _move_distributed(leaf, buffer, param: torch.Tensor, source: torch.Tensor) -
     # the same tensor kinds and dtypes on every rank: read from a param this rank holds
     example = next(iter(getattr(leaf, "model_param_group_index_map", {})), None)
     if example is None:
-        raise UnsupportedOptimizer("--drlora-rank-pool: this data-parallel rank holds no shard "
-                                   "of any parameter of the distributed optimizer")
+        raise UnsupportedOptimizer("the rank pool (--no-drlora-rank-pool turns it off): this "
+                                   "data-parallel rank holds no shard of any parameter of the "
+                                   "distributed optimizer")
     kinds = _state_tensors(dict(leaf._get_main_param_and_optimizer_states(example)))
     mine = _state_tensors(dict(leaf._get_main_param_and_optimizer_states(param))) if held else {}
     start = leaf._get_model_param_range_map(param)["param"].start if held else 0
@@ -166,8 +170,9 @@ def _move_distributed(leaf, buffer, param: torch.Tensor, source: torch.Tensor) -
         main = mine.pop("param", None)
         if main is not None and main.untyped_storage().data_ptr() != \
                 param.untyped_storage().data_ptr():
-            raise UnsupportedOptimizer("--drlora-rank-pool: the distributed optimizer keeps a "
-                                       "separate main copy of a parameter of its own dtype")
+            raise UnsupportedOptimizer("the rank pool (--no-drlora-rank-pool turns it off): "
+                                       "the distributed optimizer keeps a separate main copy "
+                                       "of a parameter of its own dtype")
     for key in sorted(kinds):
         full = torch.zeros(param.numel(), dtype=kinds[key].dtype, device=kinds[key].device)
         shard = mine.get(key)
@@ -202,3 +207,18 @@ def move_param_rows(optimizer, param: torch.Tensor, source: torch.Tensor) -> Non
         for tensor in ([main] if main is not None else []) + list(_state_tensors(states).values()):
             full = tensor.view(param.shape[0], -1)
             full.copy_(_move_rows(full, source))
+
+
+def check_pool_optimizer(optimizer, params) -> None:
+    """Refuse at start-up, naming the flag, an optimizer whose copy of the pool parameters
+    `params` `write_param_rows` / `move_param_rows` could not reach (else the first growth
+    event, hours in, would)."""
+    if optimizer is None:
+        return
+    for leaf in _leaves(optimizer):
+        for param in params:
+            if hasattr(leaf, "model_param_gbuf_map"):
+                if _distributed_buffer(leaf, param) is not None:
+                    _refuse_unsupported(leaf)
+            else:
+                _targets(leaf, param)  # refuses what it cannot write

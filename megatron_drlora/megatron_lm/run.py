@@ -44,8 +44,9 @@ def _print0(message: str) -> None:
 
 
 def _refuse_dense_checkpoint_for_pool(args) -> None:
-    """A checkpoint written without --drlora-rank-pool has no slot tables; dist_checkpointing
-    would fail on the missing key deep inside the load: say so before it starts."""
+    """A checkpoint written with --no-drlora-rank-pool (the dense bank) has no slot tables;
+    dist_checkpointing would fail on the missing key deep inside the load: say so before it
+    starts."""
     from megatron_drlora.checkpoint import CheckpointError, resolve
 
     if not getattr(args, "load", None):
@@ -59,8 +60,9 @@ def _refuse_dense_checkpoint_for_pool(args) -> None:
     keys = dist_checkpointing.load_tensors_metadata(path)
     adapters = [k for k in keys if k.startswith("drlora.layers.")]
     if adapters and not any("pool_table" in k for k in adapters):
-        raise RuntimeError(f"--load {path} was written without --drlora-rank-pool (no slot "
-                           f"tables); resume it without --drlora-rank-pool (a pooled "
+        raise RuntimeError(f"--load {path} was written by the dense bank (no slot tables: "
+                           f"--no-drlora-rank-pool, or a version before the rank pool was "
+                           f"the default); resume it with --no-drlora-rank-pool (a pooled "
                            f"checkpoint loads either way)")
 
 
@@ -206,7 +208,7 @@ class DRLoRARun:
 
         optimizer.step = step_then_drlora
         self.optimizer = optimizer
-        self.controller.attach_optimizer(optimizer)  # --drlora-rank-pool writes its main copy
+        self.controller.attach_optimizer(optimizer)  # the rank pool writes / moves its copy
 
     def _after_optimizer_step(self, stepped: bool, grad_norm) -> None:
         from megatron.training import get_args
