@@ -42,6 +42,7 @@ from benchmarks import megatron_step as ms  # noqa: E402  (prepares the megatron
 from benchmarks import step_accounting as acc  # noqa: E402
 
 REFERENCE = "uniform_r_target"
+SAME_MAP = "drlora_at_uniform_map"
 
 _OLMOE = dict(hidden_size=2048, num_attention_heads=16, num_experts=64, moe_router_topk=8,
               moe_ffn_hidden_size=1024, ffn_hidden_size=1024, r_init=32, r_target=64,
@@ -128,6 +129,8 @@ def measure(args, s) -> Dict:
     configs = [(REFERENCE, ref, None), ("uniform_r_max", rmax, None)]
     for events, rank_map in maps:
         configs.append((f"drlora@{events}", dr, rank_map))
+    if args.same_map:  # DR-LoRA's bank at uniform LoRA's map: what the bank itself costs
+        configs.append((SAME_MAP, dr, torch.full_like(maps[0][1], s["r_target"])))
     phases: Dict[str, List[Dict]] = {name: [] for name, _, _ in configs}
     for rep in range(args.reps):
         order = configs[rep % len(configs):] + configs[:rep % len(configs)]
@@ -235,6 +238,8 @@ def summarise(args, s, m) -> Dict:
         e["mean_rank"] = float(rank_map.double().mean())
         e["rank_min"], e["rank_max"] = int(rank_map.min()), int(rank_map.max())
     result_variants[REFERENCE]["mean_rank"] = float(s["r_target"])
+    if SAME_MAP in result_variants:
+        result_variants[SAME_MAP]["mean_rank"] = float(s["r_target"])
     result_variants["uniform_r_max"]["mean_rank"] = float(s["r_max"])
 
     ref_step = median([p["step"] for p in ref])
@@ -410,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-pool", action=argparse.BooleanOptionalAction, default=True,
                    help="DR-LoRA with the rank pool (the default; --no-rank-pool: the dense "
                         "bank, --no-drlora-rank-pool); uniform LoRA is always the dense bank")
+    p.add_argument("--same-map", action="store_true",
+                   help=f"also time DR-LoRA at uniform LoRA's rank map (every expert at "
+                        f"r_target: '{SAME_MAP}', not part of the run): the cost of DR-LoRA's "
+                        f"bank and hooks themselves against plain LoRA")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verbose", action="store_true")

@@ -35,7 +35,7 @@ def test_step_time_tiny_reports_the_issue_keys(tmp_path):
     at r_target and r_max and DR-LoRA at two maps of the planned trajectory."""
     path = tmp_path / "step_time.json"
     out = _run(["benchmarks/step_time.py", "--size", "tiny", "--reps", "1", "--warmup", "1",
-                "--points", "2", "--json", str(path)])
+                "--points", "2", "--same-map", "--json", str(path)])
     assert "run_ratio_vs_uniform_r_target" in out and "| drlora@0 |" in out
     result = json.load(open(path))
     for key in KEYS:
@@ -52,6 +52,11 @@ def test_step_time_tiny_reports_the_issue_keys(tmp_path):
     assert variants["uniform_r_target"]["ratio_to_uniform_r_target"] == 1.0
     trajectory = [v for n, v in variants.items() if n.startswith("drlora@")]
     assert [v["mean_rank"] for v in trajectory] == [4.0, 8.0]  # r_init ... r_target
+    # --same-map: DR-LoRA's bank at uniform LoRA's map, timed beside the trajectory
+    assert variants["drlora_at_uniform_map"]["mean_rank"] == 8.0
+    assert "| drlora_at_uniform_map | 8.00 |" in out
+    # the default bank (the rank pool) holds uniform r_target's adapter memory
+    assert result["adapter_memory_ratio_vs_uniform_r_target"] == pytest.approx(1.0)
     assert result["run"]["events"] == 184
     # memory read from Megatron's buffers and optimizer: uniform r_max holds twice r_target
     memory = result["memory_bytes"]
