@@ -128,24 +128,28 @@ def local_sensitivity(handle, contributes_a, contributes_b,
     return l1_a, l1_b
 
 
-def _slot_l1(param, grad_masks) -> torch.Tensor:
-    """Per-slot ||grad (.) slot||_1 of a pool parameter [S, width] -> [S] float64 (None when
-    there is no gradient yet)."""
+def _slot_l1(param, grad_masks, rows: int) -> torch.Tensor:
+    """Per-slot ||grad (.) slot||_1 of the first `rows` slots of a pool parameter [S, width]
+    -> [rows] float64 (None when there is no gradient yet)."""
     grad = reduced_grad(param)
     if grad is None:
         return None
-    grad = grad.view_as(param)
+    grad, weight = grad.view_as(param)[:rows], param[:rows]
     if param in grad_masks:
-        grad = grad * grad_masks[param]
-    return rank_sensitivity_l1(grad.unsqueeze(1), param.unsqueeze(1), 1).squeeze(1)
+        grad = grad * grad_masks[param][:rows]
+    return rank_sensitivity_l1(grad.unsqueeze(1), weight.unsqueeze(1), 1).squeeze(1)
 
 
 def _pooled_sensitivity(bank, moe_index, ids, l1_a, l1_b, contributes_a, contributes_b,
                         grad_masks) -> None:
     """A pooled bank (adapters/pool.py): l1 per slot of each pool parameter, then mapped to
     (expert, projection, rank) through the device slot table; ranks at or above an expert's
-    rank read 0. A slot serves one (expert, projection, rank), so its l1 is that rank's."""
-    per_slot = {id(p): _slot_l1(p, grad_masks) for p in (bank.slots_hidden, bank.slots_ffn)}
+    rank read 0. A slot serves one (expert, projection, rank), so its l1 is that rank's. A
+    packed pool's active slots are its first ones: only those are read (half the pool at
+    r_init)."""
+    rows = bank.slots_in_use() if bank.packed else bank.capacity
+    per_slot = {id(p): _slot_l1(p, grad_masks, rows) for p in (bank.slots_hidden,
+                                                                bank.slots_ffn)}
     for j, name in enumerate(bank.projection_names):
         r_hi = max(bank.ranks_of(name), default=0)
         if r_hi == 0:

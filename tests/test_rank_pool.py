@@ -44,7 +44,7 @@ def _pair(args, targets=("up", "down"), rank_map=RANKS, packed=False, **cfg):
                 layer.bank.row_mover = functools.partial(move_param_rows, None)
         handle.set_rank_map(torch.tensor(rank_map)[:, :, :len(targets)])
         if pool:
-            assert all(layer.bank._packed == packed for layer in handle.layers)
+            assert all(layer.bank.packed == packed for layer in handle.layers)
         randomize_adapters(handle)
         out.append((chunks[0], handle))
     return out
@@ -224,9 +224,9 @@ def test_growth_writes_the_dense_init_and_keeps_outputs_states_and_free_slots(at
         literal, used = _literal_packing(bank.ranks.tolist(), bank.r_max)
         packed = {(e, j, k): int(bank._table[e, j, k]) for e, j, k in literal}
         if attached:
-            assert packed == literal and bank._packed and bank._free[0] == used
+            assert packed == literal and bank.packed and bank._free[0] == used
         else:  # the original slots stay, the grown ranks took the lowest free ones
-            assert not bank._packed
+            assert not bank.packed
             taken = sorted(was_free - set(bank._free))
             assert taken == sorted(was_free)[:len(taken)]
 

@@ -139,6 +139,11 @@ class PooledLoRABank(LocalExpertAdapters):
         fc1 = self.specs[projection].linear == "fc1"
         return self.slots_hidden if (which == "A") == fc1 else self.slots_ffn
 
+    @property
+    def packed(self) -> bool:
+        """The active ranks hold slots 0 .. slots_in_use() - 1 in packed order (packed_table)."""
+        return self._packed
+
     # --- ranks (ExpertLoRABank's interface) ------------------------------------------------
     def slots_in_use(self) -> int:
         return self.capacity - len(self._free)
