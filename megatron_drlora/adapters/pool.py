@@ -78,6 +78,15 @@ def packed_table(ranks: torch.Tensor, r_max: int) -> torch.Tensor:
     return torch.where(k < ranks.unsqueeze(-1), starts.unsqueeze(-1) + k, torch.full((), -1))
 
 
+def moved_rows(rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`rows` [S, width] repacked: row i is old row source[i], zero where source[i] < 0 (the
+    parameter here, its optimizer main copy and states in compat.optimizer)."""
+    index = source.clamp(min=0).to(rows.device)
+    keep = (source >= 0).to(rows.device).unsqueeze(1)
+    return torch.where(keep, rows.index_select(0, index),
+                       torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
 class PooledLoRABank(LocalExpertAdapters):
     """LoRA rank slots and the slot table of the local experts of one MoE layer."""
 
@@ -187,11 +196,7 @@ class PooledLoRABank(LocalExpertAdapters):
         moved = not torch.equal(table[kept], self._table[kept])
         if moved or int(kept.sum()) < self.slots_in_use():  # else: free rows are zero already
             for param in (self.slots_hidden, self.slots_ffn):
-                index = source.clamp(min=0).to(param.device)
-                keep = (source >= 0).to(param.device).unsqueeze(1)
-                param.data.copy_(torch.where(keep, param.data.index_select(0, index),
-                                             torch.zeros((), dtype=param.dtype,
-                                                         device=param.device)))
+                param.data.copy_(moved_rows(param.data, source))
                 self.row_mover(param, source)
         self._table = table
         self._free = list(range(used, self.capacity))

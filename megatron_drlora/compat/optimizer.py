@@ -19,6 +19,8 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from megatron_drlora.adapters.pool import moved_rows
+
 
 class UnsupportedOptimizer(RuntimeError):
     """The optimizer keeps a copy of the parameters DR-LoRA cannot write into."""
@@ -123,14 +125,6 @@ def write_param_rows(optimizer, param: torch.Tensor, rows: torch.Tensor,
                 _write(state, start, index, None)
 
 
-def _move_rows(full: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """full [S, width] with row i replaced by old row source[i] (zero where source < 0)."""
-    index = source.clamp(min=0).to(full.device)
-    keep = (source >= 0).to(full.device).unsqueeze(1)
-    return torch.where(keep, full.index_select(0, index), torch.zeros((), dtype=full.dtype,
-                                                                      device=full.device))
-
-
 def _state_tensors(tensors: Dict) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items()
             if torch.is_tensor(v) and v.dim() > 0 and k != "step"}
@@ -180,7 +174,7 @@ def _move_distributed(leaf, buffer, param: torch.Tensor, source: torch.Tensor) -
             full[start:start + shard.numel()] = shard.view(-1)
         torch.distributed.all_reduce(full, group=buffer.data_parallel_group)
         if shard is not None:
-            moved = _move_rows(full.view(param.shape[0], -1), source).view(-1)
+            moved = moved_rows(full.view(param.shape[0], -1), source).view(-1)
             shard.view(-1).copy_(moved[start:start + shard.numel()])
 
 
@@ -206,7 +200,7 @@ def move_param_rows(optimizer, param: torch.Tensor, source: torch.Tensor) -> Non
         main, _, states = found
         for tensor in ([main] if main is not None else []) + list(_state_tensors(states).values()):
             full = tensor.view(param.shape[0], -1)
-            full.copy_(_move_rows(full, source))
+            full.copy_(moved_rows(full, source))
 
 
 def check_pool_optimizer(optimizer, params) -> None:
