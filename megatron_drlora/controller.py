@@ -126,17 +126,14 @@ class DRLoRAController:
         from megatron_drlora.compat.optimizer import (check_pool_optimizer, move_param_rows,
                                                       write_param_rows)
 
-        check_pool_optimizer(optimizer, [p for layer in self.handle.layers
-                                         if getattr(layer.bank, "pooled", False)
-                                         for p in (layer.bank.slots_hidden,
-                                                   layer.bank.slots_ffn)])
-        for layer in self.handle.layers:
-            if getattr(layer.bank, "pooled", False):
-                bank = layer.bank
-                bank.row_writer = (None if optimizer is None else
-                                   functools.partial(write_param_rows, optimizer))
-                bank.row_mover = (None if optimizer is None else
-                                  functools.partial(move_param_rows, optimizer))
+        banks = self.handle.pooled_banks()
+        check_pool_optimizer(optimizer, [p for bank in banks
+                                         for p in (bank.slots_hidden, bank.slots_ffn)])
+        for bank in banks:
+            bank.row_writer = (None if optimizer is None else
+                               functools.partial(write_param_rows, optimizer))
+            bank.row_mover = (None if optimizer is None else
+                              functools.partial(move_param_rows, optimizer))
 
     def _require_ddp_models(self) -> None:
         if self._ddp_attached:

@@ -185,13 +185,14 @@ class DRLoRAModel:
                 f"params, outside the DR-LoRA budget (routed experts at r_target: "
                 f"{s['routed_params_at_r_target']:,} params, all MoE layers)")
 
-    def _pooled_banks(self) -> List:
+    def pooled_banks(self) -> List:
+        """This rank's rank-pool banks (none with --no-drlora-rank-pool)."""
         return [layer.bank for layer in self.layers if getattr(layer.bank, "pooled", False)]
 
     def pool_text(self) -> str:
         """--drlora-rank-pool: the slots per layer on this rank against uniform LoRA at
         r_target and the dense bank (r_max), for the start-up log ("" without the pool)."""
-        pooled = self._pooled_banks()
+        pooled = self.pooled_banks()
         if not pooled:
             return ""
         bank, cfg = pooled[0], self.config
@@ -214,7 +215,7 @@ class DRLoRAModel:
 
     def _allocated_text(self, s: Dict[str, int]) -> str:
         """What is allocated: every module at r_max (dense bank), or the pool's slots."""
-        pooled = self._pooled_banks()
+        pooled = self.pooled_banks()
         if not pooled:
             return f"allocated r_max {s['params_allocated_r_max']:,}"
         spec = next(iter(pooled[0].specs.values()))
